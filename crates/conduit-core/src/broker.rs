@@ -1,0 +1,611 @@
+//! One RabbitMQ connection per process, shared by every publisher and consumer in it.
+//!
+//! The connection is opened in the background, so a service starts (and answers
+//! `/readyz` 503) while the broker is away. Once up, lapin's auto-recovery reconnects and
+//! replays the topology; a consumer whose channel cannot be recovered opens a new one.
+//! Every publish waits for the broker's confirm: a nack, an unroutable message or a lost
+//! connection is an error the caller sees, never a silent drop. Every consume uses manual
+//! acks, a bounded prefetch and a bounded number of handlers in flight.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::{anyhow, bail, Context};
+use futures::StreamExt;
+use lapin::{
+    options::{
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+        BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+        QueueBindOptions, QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+};
+use serde::Serialize;
+use tokio::{
+    sync::{watch, Semaphore},
+    task::JoinSet,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+use uuid::Uuid;
+
+use crate::{config::AmqpSettings, topology::Topology};
+
+/// How long a handler may take to hand its delivery back once shutdown began.
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+#[derive(Clone)]
+struct Live {
+    conn: Arc<Connection>,
+    publish: Channel,
+}
+
+/// A process's handle on RabbitMQ. Cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    topology: Topology,
+    live: watch::Receiver<Option<Live>>,
+}
+
+/// Where a message goes: a work queue of the namespace's direct exchange, or every
+/// generator through the control fanout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Queue(String),
+    Control,
+}
+
+/// A message ready to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub target: Target,
+    pub body: Vec<u8>,
+    /// Carried as the W3C `traceparent` header so one trace follows a task.
+    pub task_id: Option<Uuid>,
+    pub message_id: Option<String>,
+}
+
+impl Outgoing {
+    /// A JSON message for the work queue with routing key `route`.
+    pub fn json<T: Serialize>(route: &str, message: &T) -> anyhow::Result<Self> {
+        Ok(Self {
+            target: Target::Queue(route.to_owned()),
+            body: serde_json::to_vec(message).context("serialising message")?,
+            task_id: None,
+            message_id: None,
+        })
+    }
+
+    /// A JSON message for every generator's control queue.
+    pub fn control<T: Serialize>(message: &T) -> anyhow::Result<Self> {
+        Ok(Self {
+            target: Target::Control,
+            body: serde_json::to_vec(message).context("serialising control message")?,
+            task_id: None,
+            message_id: None,
+        })
+    }
+
+    pub fn for_task(mut self, task_id: Uuid) -> Self {
+        self.task_id = Some(task_id);
+        self
+    }
+
+    pub fn with_message_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+}
+
+/// A message taken from a queue, handed to a consumer's handler.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub body: Vec<u8>,
+    pub routing_key: String,
+    pub redelivered: bool,
+    /// How often the broker handed this message out before (quorum queues count
+    /// deliveries that were returned or lost with their consumer).
+    pub delivery_count: u32,
+    pub traceparent: Option<String>,
+}
+
+/// What a handler wants done with its delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The effect is durable: remove the message.
+    Ack,
+    /// Not done here: give it back to the queue for another consumer.
+    Requeue,
+    /// Unprocessable (bad schema): drop it without requeueing.
+    Reject,
+}
+
+/// What a consumer reads from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A shared work queue, by routing key of [`crate::topology::route`].
+    Queue(String),
+    /// This process's own exclusive queue on the control fanout.
+    Control,
+}
+
+/// Limits of one consumer.
+#[derive(Debug, Clone, Copy)]
+pub struct ConsumeLimits {
+    pub prefetch: u16,
+    pub concurrency: usize,
+}
+
+impl Broker {
+    /// Starts connecting in the background and returns at once. Topology is declared on
+    /// every fresh connection. Stops trying when `shutdown` fires.
+    pub fn start(settings: &AmqpSettings, name: &str, shutdown: CancellationToken) -> Self {
+        let topology = Topology::new(settings.namespace.clone());
+        let (tx, rx) = watch::channel(None);
+        let url = settings.url.expose().to_owned();
+        let conn_name = format!("{name} ({})", settings.namespace);
+        let task_topology = topology.clone();
+        tokio::spawn(async move {
+            supervise(url, conn_name, task_topology, tx, shutdown).await;
+        });
+        Self {
+            inner: Arc::new(Inner { topology, live: rx }),
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    /// True while the connection to the broker is up.
+    pub fn is_ready(&self) -> bool {
+        self.inner
+            .live
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| l.conn.status().connected())
+    }
+
+    /// Waits until a connection exists (it may still be recovering).
+    async fn live(&self) -> anyhow::Result<Live> {
+        let mut rx = self.inner.live.clone();
+        let live = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| anyhow!("broker connection supervisor stopped"))?;
+        live.clone()
+            .ok_or_else(|| anyhow!("broker connection not established"))
+    }
+
+    /// Waits for a connection for at most `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let start = tokio::time::Instant::now();
+        while !self.is_ready() {
+            if start.elapsed() > timeout {
+                bail!("RabbitMQ not reachable within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes one message and waits for its confirm.
+    pub async fn publish(&self, message: Outgoing) -> anyhow::Result<()> {
+        self.publish_batch(std::slice::from_ref(&message)).await
+    }
+
+    /// Publishes all messages back to back, then waits for every confirm. Succeeds only
+    /// if the broker took every one of them; a caller that sees an error republishes
+    /// the batch (consumers drop duplicates by id).
+    pub async fn publish_batch(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        if !self.is_ready() {
+            bail!("RabbitMQ is not connected");
+        }
+        let live = self.live().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let exchange = match &m.target {
+                Target::Queue(_) => self.inner.topology.exchange(),
+                Target::Control => self.inner.topology.control_exchange(),
+            };
+            let routing_key = match &m.target {
+                Target::Queue(route) => route.as_str(),
+                Target::Control => "",
+            };
+            let confirm = live
+                .publish
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: matches!(m.target, Target::Queue(_)),
+                        ..Default::default()
+                    },
+                    &m.body,
+                    properties(m),
+                )
+                .await
+                .context("publishing to RabbitMQ")?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            match confirm.await.context("waiting for RabbitMQ publisher confirm")? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(returned)) => bail!(
+                    "RabbitMQ could not route a message to {} (reply {})",
+                    returned.delivery.routing_key,
+                    returned.reply_code
+                ),
+                Confirmation::Nack(_) => bail!("RabbitMQ refused (nacked) a published message"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes `source` until `shutdown` fires, running up to `limits.concurrency`
+    /// handlers at once. Each handler gets its own child of `shutdown`; once shutdown
+    /// begins no new delivery is taken, and deliveries whose handler has not finished
+    /// within the grace period go back to the queue.
+    pub async fn consume<F, Fut>(
+        &self,
+        source: Source,
+        limits: ConsumeLimits,
+        shutdown: CancellationToken,
+        handler: F,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(Incoming, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Disposition> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
+        let mut in_flight = JoinSet::new();
+        let label = match &source {
+            Source::Queue(r) => self.inner.topology.queue(r),
+            Source::Control => self.inner.topology.control_exchange(),
+        };
+        'session: while !shutdown.is_cancelled() {
+            let live = tokio::select! {
+                live = self.live() => live?,
+                () = shutdown.cancelled() => break,
+            };
+            let (channel, mut consumer) = match self.open_consumer(&live, &source, limits).await {
+                Ok(opened) => opened,
+                Err(err) => {
+                    warn!(queue = %label, error = %format!("{err:#}"), "cannot consume yet; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue 'session,
+                        () = shutdown.cancelled() => break 'session,
+                    }
+                }
+            };
+            debug!(queue = %label, "consuming");
+            loop {
+                let permit = tokio::select! {
+                    p = permits.clone().acquire_owned() => p.context("consumer semaphore closed")?,
+                    () = shutdown.cancelled() => break 'session,
+                };
+                let next = tokio::select! {
+                    next = consumer.next() => next,
+                    () = shutdown.cancelled() => {
+                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                        break 'session;
+                    }
+                };
+                let delivery = match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(err)) => {
+                        warn!(queue = %label, error = %err, "consumer interrupted; waiting for recovery");
+                        if channel.wait_for_recovery(err).await.is_ok() {
+                            continue;
+                        }
+                        continue 'session;
+                    }
+                    None => {
+                        warn!(queue = %label, "consumer stream ended; reopening");
+                        continue 'session;
+                    }
+                };
+                let incoming = incoming(&delivery);
+                let span = tracing::info_span!("delivery", queue = %label, traceparent = incoming.traceparent.as_deref().unwrap_or(""));
+                let handler = handler.clone();
+                let token = shutdown.child_token();
+                let auto_ack = matches!(source, Source::Control);
+                in_flight.spawn(
+                    async move {
+                        let disposition = handler(incoming, token).await;
+                        if !auto_ack {
+                            settle(&delivery, disposition).await;
+                        }
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+                while in_flight.try_join_next().is_some() {}
+            }
+        }
+        drain(in_flight, &label).await;
+        Ok(())
+    }
+
+    async fn open_consumer(
+        &self,
+        live: &Live,
+        source: &Source,
+        limits: ConsumeLimits,
+    ) -> anyhow::Result<(Channel, lapin::Consumer)> {
+        let channel = live.conn.create_channel().await.context("opening channel")?;
+        channel
+            .basic_qos(limits.prefetch, BasicQosOptions::default())
+            .await
+            .context("setting prefetch")?;
+        let (queue, no_ack) = match source {
+            Source::Queue(route) => (self.inner.topology.queue(route), false),
+            Source::Control => {
+                let q = channel
+                    .queue_declare(
+                        "".into(),
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+                    .context("declaring control queue")?;
+                let name = q.name().to_string();
+                channel
+                    .queue_bind(
+                        name.as_str().into(),
+                        self.inner.topology.control_exchange().into(),
+                        "".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .context("binding control queue")?;
+                (name, true)
+            }
+        };
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                ShortString::from(format!("conduit-{}", Uuid::new_v4().simple())),
+                BasicConsumeOptions {
+                    no_ack,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("consuming {queue}"))?;
+        Ok((channel, consumer))
+    }
+
+    /// Number of messages ready in a work queue (for tests, metrics and benchmarks).
+    pub async fn queue_depth(&self, route: &str) -> anyhow::Result<u32> {
+        let live = self.live().await?;
+        let channel = live.conn.create_channel().await.context("opening channel")?;
+        let q = channel
+            .queue_declare(
+                self.inner.topology.queue(route).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("inspecting queue {route}"))?;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(q.message_count())
+    }
+}
+
+async fn settle(delivery: &lapin::message::Delivery, disposition: Disposition) {
+    let result = match disposition {
+        Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await
+        }
+        Disposition::Reject => {
+            delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+        }
+    };
+    if let Err(err) = result {
+        // The channel died with the delivery; the broker hands it out again.
+        warn!(error = %err, ?disposition, "could not settle delivery; the broker will redeliver it");
+    }
+}
+
+async fn drain(mut in_flight: JoinSet<()>, label: &str) {
+    if in_flight.is_empty() {
+        return;
+    }
+    info!(queue = %label, in_flight = in_flight.len(), "draining in-flight deliveries");
+    let finished = tokio::time::timeout(DRAIN_GRACE, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        // Aborted handlers never settle: their deliveries return to the queue when the
+        // channel closes.
+        warn!(queue = %label, "handlers did not finish in time; their deliveries go back to the queue");
+        in_flight.abort_all();
+    }
+}
+
+fn incoming(delivery: &lapin::message::Delivery) -> Incoming {
+    let headers = delivery.properties.headers().as_ref();
+    let header = |name: &str| headers.and_then(|h| h.inner().get(name));
+    let delivery_count = header("x-delivery-count").and_then(as_u32).unwrap_or(0);
+    let traceparent = header("traceparent").and_then(|v| match v {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    });
+    Incoming {
+        body: delivery.data.clone(),
+        routing_key: delivery.routing_key.to_string(),
+        redelivered: delivery.redelivered,
+        delivery_count,
+        traceparent,
+    }
+}
+
+fn as_u32(v: &AMQPValue) -> Option<u32> {
+    let n: i64 = match v {
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => *n,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+/// W3C trace context whose trace id is the task id, so every service's spans of one
+/// task share a trace without a tracing backend having to propagate anything.
+pub fn traceparent_for(task_id: Uuid) -> String {
+    let span: u64 = rand::random();
+    format!("00-{}-{span:016x}-01", task_id.simple())
+}
+
+fn properties(m: &Outgoing) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "schema-version".into(),
+        AMQPValue::LongInt(crate::messages::SCHEMA_VERSION.into()),
+    );
+    if let Some(task_id) = m.task_id {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(traceparent_for(task_id).into()),
+        );
+    }
+    let mut props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0))
+        .with_headers(headers);
+    if let Some(id) = &m.message_id {
+        props = props.with_message_id(id.as_str().into());
+    }
+    props
+}
+
+async fn supervise(
+    url: String,
+    name: String,
+    topology: Topology,
+    tx: watch::Sender<Option<Live>>,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let attempt = connect(&url, &name, &topology);
+        let result = tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(10), attempt) => r.unwrap_or_else(|_| Err(anyhow!("timed out connecting"))),
+            () = shutdown.cancelled() => return,
+        };
+        match result {
+            Ok(live) => {
+                info!(connection = %name, "connected to RabbitMQ");
+                let conn = live.conn.clone();
+                tx.send_replace(Some(live));
+                delay = Duration::from_millis(100);
+                // lapin recovers the connection by itself; only a connection it gave up on
+                // is replaced here.
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        () = shutdown.cancelled() => {
+                            let _ = conn.close(200, "shutting down".into()).await;
+                            return;
+                        }
+                    }
+                    let status = conn.status();
+                    if status.closed() || (status.errored() && !status.reconnecting()) {
+                        warn!(connection = %name, "RabbitMQ connection lost for good; reconnecting");
+                        break;
+                    }
+                }
+            }
+            Err(err) => {
+                warn!(connection = %name, error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ not reachable");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn connect(url: &str, name: &str, topology: &Topology) -> anyhow::Result<Live> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .enable_auto_recover()
+        .configure_backoff(|b| {
+            b.with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+        });
+    let conn = Connection::connect(url, props)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let publish = conn.create_channel().await.context("opening channel")?;
+    topology.declare(&publish).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("enabling publisher confirms")?;
+    Ok(Live {
+        conn: Arc::new(conn),
+        publish,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_carries_the_task_id() {
+        let id = Uuid::new_v4();
+        let tp = traceparent_for(id);
+        let parts: Vec<_> = tp.split('-').collect();
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts[1], id.simple().to_string());
+        assert_eq!(parts[2].len(), 16);
+    }
+
+    #[test]
+    fn delivery_counts_parse_from_any_integer() {
+        assert_eq!(as_u32(&AMQPValue::LongLongInt(3)), Some(3));
+        assert_eq!(as_u32(&AMQPValue::LongInt(2)), Some(2));
+        assert_eq!(as_u32(&AMQPValue::LongLongInt(-1)), None);
+        assert_eq!(as_u32(&AMQPValue::Boolean(true)), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! `conduit-core` owns the vocabulary the three Conduit services share: typed
+//! configuration, tracing set-up, the versioned messages that cross RabbitMQ, the exact
+//! webhook payloads of the public contract, the broker topology under a namespace, and
+//! the publish (with confirms) and consume (manual ack, bounded concurrency) helpers.
+//! It never talks to PostgreSQL and never makes outbound HTTP calls: those belong to the
+//! services that own them.
+
+pub mod broker;
+pub mod config;
+pub mod messages;
+pub mod ops;
+pub mod payload;
+pub mod telemetry;
+pub mod time;
+pub mod topology;
+
+pub use broker::{Broker, Disposition, Incoming, Outgoing};
+pub use config::{Secret, Service, Settings};
+pub use topology::Topology;

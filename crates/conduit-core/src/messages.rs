@@ -1,0 +1,221 @@
+//! The versioned messages that cross RabbitMQ. Every message carries `v`, the schema
+//! version; a consumer refuses (dead-letters) a version it does not know instead of
+//! guessing. Each message type knows the queue it travels to.
+
+use std::{collections::BTreeMap, fmt};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::payload::WebhookEvent;
+use crate::time::{rfc3339_millis, rfc3339_millis_opt};
+
+/// Schema version written by this build.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// The render parameters a job asks for, already validated by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RenderSpec {
+    pub duration_seconds: u32,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+}
+
+/// API → generator: run one attempt of a task. Travels on the `jobs` queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobMessage {
+    pub v: u16,
+    pub task_id: Uuid,
+    /// Increases with every explicit retry; events of an older attempt are stale.
+    pub attempt: i32,
+    pub model: String,
+    /// Provider of the model (`local`, `minimax`, ...) as resolved at submit time.
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_model: Option<String>,
+    pub prompt: String,
+    pub spec: RenderSpec,
+    #[serde(with = "rfc3339_millis")]
+    pub submitted_at: DateTime<Utc>,
+}
+
+/// What a status event says about a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StatusKind {
+    /// Work has started on the task.
+    Processing { message: String },
+    Progress {
+        percent: u8,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        eta_seconds: Option<u64>,
+    },
+    /// The video is stored under `video_key` in Conduit's storage.
+    Completed {
+        video_key: String,
+        generation_duration_seconds: f64,
+    },
+    Failed { error: String },
+}
+
+impl StatusKind {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, StatusKind::Completed { .. } | StatusKind::Failed { .. })
+    }
+}
+
+/// Generator → API ledger. Travels on the `status` queue. `seq` orders the events of one
+/// attempt, so the ledger drops duplicates and stale ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    pub v: u16,
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub seq: u64,
+    #[serde(with = "rfc3339_millis")]
+    pub at: DateTime<Utc>,
+    #[serde(flatten)]
+    pub kind: StatusKind,
+}
+
+/// API → webhook sender: deliver one event. Travels on the `webhooks` queue and, between
+/// attempts, waits in the delay queues.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    pub v: u16,
+    /// `webhook-id`: one per event, the same on every attempt.
+    pub webhook_id: String,
+    pub task_id: Uuid,
+    pub event: WebhookEvent,
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The calling key's `whsec_` signing secret.
+    pub secret: String,
+    /// The exact JSON body, fixed when the event happened.
+    pub body: String,
+    #[serde(with = "rfc3339_millis")]
+    pub occurred_at: DateTime<Utc>,
+    /// Attempts already made in the current schedule (0 for a fresh event).
+    #[serde(default)]
+    pub attempts_made: u32,
+    /// Not to be attempted before this instant (retry delay, `Retry-After`).
+    #[serde(default, with = "rfc3339_millis_opt", skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+impl fmt::Debug for WebhookDelivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookDelivery")
+            .field("webhook_id", &self.webhook_id)
+            .field("task_id", &self.task_id)
+            .field("event", &self.event)
+            .field("url", &self.url)
+            .field("attempts_made", &self.attempts_made)
+            .field("not_before", &self.not_before)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State of one webhook event in the delivery log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    Failed,
+    Dropped,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+            DeliveryState::Dropped => "dropped",
+        }
+    }
+}
+
+/// Webhook sender → API: the outcome of one attempt, for the delivery log. Travels on
+/// the `outcomes` queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptOutcome {
+    pub v: u16,
+    pub webhook_id: String,
+    pub task_id: Uuid,
+    pub event: WebhookEvent,
+    /// 1-based number of this attempt within its schedule.
+    pub attempt: u32,
+    #[serde(with = "rfc3339_millis")]
+    pub attempted_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The event's state after this attempt.
+    pub state: DeliveryState,
+    #[serde(default, with = "rfc3339_millis_opt", skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// API → every generator instance (fanout `control` exchange).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    /// Stop work on this attempt of the task at once.
+    Cancel { v: u16, task_id: Uuid, attempt: i32 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_event_is_flat_and_round_trips() {
+        let ev = StatusEvent {
+            v: SCHEMA_VERSION,
+            task_id: Uuid::nil(),
+            attempt: 1,
+            seq: 3,
+            at: crate::time::now_millis(),
+            kind: StatusKind::Progress {
+                percent: 40,
+                message: "Rendering".into(),
+                eta_seconds: None,
+            },
+        };
+        let json: serde_json::Value = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "progress");
+        assert_eq!(json["percent"], 40);
+        assert!(json.get("eta_seconds").is_none());
+        let back: StatusEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn delivery_debug_hides_secret_and_body() {
+        let d = WebhookDelivery {
+            v: SCHEMA_VERSION,
+            webhook_id: "msg_1".into(),
+            task_id: Uuid::nil(),
+            event: WebhookEvent::Completed,
+            url: "https://example.com/hook".into(),
+            headers: BTreeMap::new(),
+            secret: "whsec_c2VjcmV0".into(),
+            body: "{}".into(),
+            occurred_at: crate::time::now_millis(),
+            attempts_made: 0,
+            not_before: None,
+        };
+        let printed = format!("{d:?}");
+        assert!(!printed.contains("whsec_"));
+    }
+}

@@ -1,0 +1,126 @@
+//! What every service serves to operators: `GET /healthz`, `GET /readyz` and
+//! `GET /metrics`, plus the SIGTERM/SIGINT handling that starts a clean shutdown.
+
+use std::{future::Future, net::TcpListener, pin::Pin, sync::Arc};
+
+use actix_web::{dev::Server, web, App, HttpResponse, HttpServer};
+use anyhow::Context;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+type ReadyFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Answers whether the service's dependencies (broker, database) are reachable now.
+#[derive(Clone)]
+pub struct ReadyCheck(Arc<dyn Fn() -> ReadyFuture + Send + Sync>);
+
+impl ReadyCheck {
+    pub fn new<F, Fut>(check: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = bool> + Send + 'static,
+    {
+        Self(Arc::new(move || Box::pin(check())))
+    }
+
+    pub async fn is_ready(&self) -> bool {
+        (self.0)().await
+    }
+}
+
+/// Shared state of the operator endpoints.
+#[derive(Clone)]
+pub struct OpsState {
+    pub registry: Registry,
+    pub ready: ReadyCheck,
+}
+
+/// Adds the three operator routes to an actix app.
+pub fn configure(state: OpsState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(web::Data::new(state))
+            .route("/healthz", web::get().to(healthz))
+            .route("/readyz", web::get().to(readyz))
+            .route("/metrics", web::get().to(metrics));
+    }
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
+    if state.ready.is_ready().await {
+        HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "error": {
+                "message": "A dependency (RabbitMQ or PostgreSQL) is not reachable",
+                "type": "service_unavailable",
+                "code": "service_unavailable"
+            }
+        }))
+    }
+}
+
+async fn metrics(state: web::Data<OpsState>) -> HttpResponse {
+    let mut buf = Vec::new();
+    let families = state.registry.gather();
+    match TextEncoder::new().encode(&families, &mut buf) {
+        Ok(()) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4")
+            .body(buf),
+        Err(err) => HttpResponse::InternalServerError().body(err.to_string()),
+    }
+}
+
+/// Binds `bind` (port 0 picks a free port), logs the address and returns the server
+/// with its port. Used by the generator and the sender; the API mounts [`configure`]
+/// in its own app.
+pub fn serve(bind: &str, state: OpsState, service: &str) -> anyhow::Result<(Server, u16)> {
+    let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
+    let port = listener.local_addr().context("reading bound address")?.port();
+    info!(service, address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
+    let server = HttpServer::new(move || App::new().configure(configure(state.clone())))
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(5)
+        .listen(listener)
+        .context("starting HTTP server")?
+        .run();
+    Ok((server, port))
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown signal received; finishing in-flight work");
+        trigger.cancel();
+    });
+    token
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
