@@ -10,10 +10,13 @@ pub mod config;
 pub mod messages;
 pub mod ops;
 pub mod payload;
+pub mod storage;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 pub mod topology;
 
-pub use broker::{Broker, Disposition, Incoming, Outgoing};
+pub use broker::{Broker, ConsumeLimits, Disposition, Incoming, Outgoing, Source, Target};
 pub use config::{Secret, Service, Settings};
 pub use topology::Topology;
