@@ -5,7 +5,7 @@
 pub mod receiver;
 pub mod stack;
 
-pub use receiver::{Reply, Receiver, ReceivedWebhook};
+pub use receiver::{ReceivedWebhook, Receiver, Reply};
 pub use stack::{Stack, StackOptions};
 
 use std::time::Duration;
@@ -30,7 +30,13 @@ where
 }
 
 /// Checks a Standard Webhooks signature the way the reference libraries do.
-pub fn signature_is_valid(secret: &str, id: &str, timestamp: &str, body: &str, header: &str) -> bool {
+pub fn signature_is_valid(
+    secret: &str,
+    id: &str,
+    timestamp: &str,
+    body: &str,
+    header: &str,
+) -> bool {
     use base64::Engine;
     use hmac::{Hmac, Mac};
     let engine = base64::engine::general_purpose::STANDARD;

@@ -42,7 +42,9 @@ impl ReceivedWebhook {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
 }
 
@@ -68,7 +70,9 @@ impl Receiver {
 
     /// Starts a receiver that answers with `script` in order, repeating the last reply.
     pub async fn scripted(script: Vec<Reply>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let port = listener.local_addr().expect("receiver address").port();
         let state = Arc::new(Mutex::new(State {
             received: Vec::new(),

@@ -200,7 +200,10 @@ impl Stack {
                 "CONDUIT__WEBHOOKS__RETRY_SCHEDULE".into(),
                 options.retry_schedule.clone(),
             ),
-            ("CONDUIT__WEBHOOKS__ALLOW_PRIVATE_TARGETS".into(), "true".into()),
+            (
+                "CONDUIT__WEBHOOKS__ALLOW_PRIVATE_TARGETS".into(),
+                "true".into(),
+            ),
             (
                 "CONDUIT__GENERATOR__CONCURRENCY".into(),
                 options.generator_concurrency.to_string(),
@@ -210,8 +213,12 @@ impl Stack {
         ];
         env.extend(options.env.iter().cloned());
 
-        let key_json = run_api_command(&env, &["keys", "create", "--name", "system-test", "--json"]);
-        let key = key_json["key"].as_str().expect("key in keys create output").to_owned();
+        let key_json =
+            run_api_command(&env, &["keys", "create", "--name", "system-test", "--json"]);
+        let key = key_json["key"]
+            .as_str()
+            .expect("key in keys create output")
+            .to_owned();
         let secret = key_json["webhook_secret"]
             .as_str()
             .expect("webhook_secret in keys create output")
@@ -222,7 +229,10 @@ impl Stack {
         let api = {
             let log = dir.join("conduit-api-0.log");
             let mut env = api_env.clone();
-            env.push(("CONDUIT__HTTP__BIND".into(), format!("127.0.0.1:{api_port}")));
+            env.push((
+                "CONDUIT__HTTP__BIND".into(),
+                format!("127.0.0.1:{api_port}"),
+            ));
             let mut p = Proc {
                 bin: "conduit-api",
                 child: None,
@@ -318,7 +328,9 @@ impl Stack {
     }
 
     pub async fn task(&self, id: &str) -> Value {
-        let (status, json) = self.get(&format!("/v1/videos/generations/tasks/{id}")).await;
+        let (status, json) = self
+            .get(&format!("/v1/videos/generations/tasks/{id}"))
+            .await;
         assert_eq!(status, 200, "task lookup answered {status}: {json}");
         json
     }
