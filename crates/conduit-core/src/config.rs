@@ -251,13 +251,22 @@ impl Settings {
             "amqp.namespace must be non-empty and use only letters, digits, '-', '_' and '.'"
         );
         anyhow::ensure!(self.amqp.prefetch > 0, "amqp.prefetch must be at least 1");
-        anyhow::ensure!(self.webhooks.concurrency > 0, "webhooks.concurrency must be at least 1");
+        anyhow::ensure!(
+            self.webhooks.concurrency > 0,
+            "webhooks.concurrency must be at least 1"
+        );
         anyhow::ensure!(
             self.webhooks.per_host_concurrency > 0,
             "webhooks.per_host_concurrency must be at least 1"
         );
-        anyhow::ensure!(self.generator.concurrency > 0, "generator.concurrency must be at least 1");
-        anyhow::ensure!(self.generator.max_attempts > 0, "generator.max_attempts must be at least 1");
+        anyhow::ensure!(
+            self.generator.concurrency > 0,
+            "generator.concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            self.generator.max_attempts > 0,
+            "generator.max_attempts must be at least 1"
+        );
         Ok(())
     }
 

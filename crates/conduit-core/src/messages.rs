@@ -48,7 +48,9 @@ pub struct JobMessage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum StatusKind {
     /// Work has started on the task.
-    Processing { message: String },
+    Processing {
+        message: String,
+    },
     Progress {
         percent: u8,
         message: String,
@@ -60,12 +62,17 @@ pub enum StatusKind {
         video_key: String,
         generation_duration_seconds: f64,
     },
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 impl StatusKind {
     pub fn is_terminal(&self) -> bool {
-        matches!(self, StatusKind::Completed { .. } | StatusKind::Failed { .. })
+        matches!(
+            self,
+            StatusKind::Completed { .. } | StatusKind::Failed { .. }
+        )
     }
 }
 
@@ -105,7 +112,11 @@ pub struct WebhookDelivery {
     #[serde(default)]
     pub attempts_made: u32,
     /// Not to be attempted before this instant (retry delay, `Retry-After`).
-    #[serde(default, with = "rfc3339_millis_opt", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "rfc3339_millis_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_before: Option<DateTime<Utc>>,
 }
 
@@ -162,7 +173,11 @@ pub struct AttemptOutcome {
     pub error: Option<String>,
     /// The event's state after this attempt.
     pub state: DeliveryState,
-    #[serde(default, with = "rfc3339_millis_opt", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "rfc3339_millis_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 

@@ -80,7 +80,10 @@ async fn metrics(state: web::Data<OpsState>) -> HttpResponse {
 /// in its own app.
 pub fn serve(bind: &str, state: OpsState, service: &str) -> anyhow::Result<(Server, u16)> {
     let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
-    let port = listener.local_addr().context("reading bound address")?.port();
+    let port = listener
+        .local_addr()
+        .context("reading bound address")?
+        .port();
     info!(service, address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "listening");
     let server = HttpServer::new(move || App::new().configure(configure(state.clone())))
         .workers(1)

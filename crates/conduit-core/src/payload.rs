@@ -127,7 +127,12 @@ impl FailedPayload {
         }
     }
 
-    pub fn cancelled(task_id: Uuid, timestamp: DateTime<Utc>, model: String, prompt: String) -> Self {
+    pub fn cancelled(
+        task_id: Uuid,
+        timestamp: DateTime<Utc>,
+        model: String,
+        prompt: String,
+    ) -> Self {
         Self {
             task_id,
             status: "cancelled".into(),
@@ -223,7 +228,9 @@ mod tests {
     }
 
     fn at(raw: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(raw).unwrap().with_timezone(&Utc)
+        DateTime::parse_from_rfc3339(raw)
+            .unwrap()
+            .with_timezone(&Utc)
     }
 
     fn as_value(p: &WebhookPayload) -> Value {
@@ -349,8 +356,16 @@ mod tests {
 
     #[test]
     fn payloads_round_trip() {
-        let p = CompletedPayload::new(task(), at("2024-01-20T15:30:45.123Z"), "u".into(), 1.0, "m".into(), "p".into());
-        let back: CompletedPayload = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        let p = CompletedPayload::new(
+            task(),
+            at("2024-01-20T15:30:45.123Z"),
+            "u".into(),
+            1.0,
+            "m".into(),
+            "p".into(),
+        );
+        let back: CompletedPayload =
+            serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
         assert_eq!(back, p);
     }
 }

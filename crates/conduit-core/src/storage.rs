@@ -133,10 +133,19 @@ mod tests {
         let store = VideoStore::from_url(&format!("file://{}", dir.display())).unwrap();
         let key = video_key(uuid::Uuid::nil(), 1);
         assert_eq!(store.size(&key).await.unwrap(), None);
-        store.put(&key, Bytes::from_static(b"0123456789")).await.unwrap();
+        store
+            .put(&key, Bytes::from_static(b"0123456789"))
+            .await
+            .unwrap();
         assert_eq!(store.size(&key).await.unwrap(), Some(10));
         assert_eq!(&store.get_range(&key, 2..5).await.unwrap()[..], b"234");
-        assert_eq!(store.presigned_url(&key, Duration::from_secs(60)).await.unwrap(), None);
+        assert_eq!(
+            store
+                .presigned_url(&key, Duration::from_secs(60))
+                .await
+                .unwrap(),
+            None
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

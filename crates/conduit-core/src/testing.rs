@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::{options::QueueDeleteOptions, options::ExchangeDeleteOptions, Connection, ConnectionProperties};
+use lapin::{
+    options::ExchangeDeleteOptions, options::QueueDeleteOptions, Connection, ConnectionProperties,
+};
 
 use crate::{
     config::{Secret, Service, Settings},
@@ -60,7 +62,11 @@ pub async fn delete_namespace(amqp_url: &str, namespace: &str) -> anyhow::Result
     .iter()
     .map(|r| t.queue(r))
     .collect();
-    queues.extend(WAIT_BUCKETS.iter().map(|d| t.queue(&Topology::wait_route(*d))));
+    queues.extend(
+        WAIT_BUCKETS
+            .iter()
+            .map(|d| t.queue(&Topology::wait_route(*d))),
+    );
     for q in queues {
         let _ = channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
