@@ -555,6 +555,72 @@ fn kustomization_lists_every_manifest() {
     );
 }
 
+#[test]
+fn config_maps_hold_no_secrets() {
+    let manifests = Manifests::load();
+    for cm in manifests.of_kind("ConfigMap") {
+        let data = at(&cm.doc, &["data"])
+            .and_then(Yaml::as_mapping)
+            .cloned()
+            .unwrap_or_default();
+        for (key, value) in &data {
+            let key = key.as_str().unwrap_or_default();
+            let value = value.as_str().unwrap_or_default();
+            let secret_name = ["API_KEY", "API_TOKEN", "SECRET", "PASSWORD", "SIGNING_KEY"]
+                .iter()
+                .any(|s| key.to_ascii_uppercase().contains(s));
+            // A URL with user-info carries a password (amqp://user:pass@host).
+            let credentials_in_url = value.contains("://") && value.contains('@');
+            assert!(
+                !secret_name && !credentials_in_url,
+                "ConfigMap {} ({}) holds {key}, which belongs in a Secret",
+                cm.name(),
+                cm.file
+            );
+        }
+    }
+}
+
+/// `kubectl kustomize` builds the kustomization the way `kubectl apply -k` would, which
+/// catches what reading the files one by one cannot (a broken images or resources entry).
+#[test]
+fn kustomization_builds() {
+    let dir = workspace_root().join("deploy/k8s");
+    let out = match Command::new("kubectl").arg("kustomize").arg(&dir).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "skipped: kubectl is not installed; the manifests were still checked one by one"
+            );
+            return;
+        }
+        Err(e) => panic!("running kubectl kustomize: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/k8s failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let built = String::from_utf8_lossy(&out.stdout);
+    let mut deployments = 0;
+    for document in serde_yaml::Deserializer::from_str(&built) {
+        let doc = Yaml::deserialize(document).expect("kustomize prints YAML");
+        if str_at(&doc, &["kind"]) == Some("Namespace") {
+            continue;
+        }
+        assert_eq!(
+            str_at(&doc, &["metadata", "namespace"]),
+            Some("conduit"),
+            "{:?} is not placed in the conduit namespace",
+            str_at(&doc, &["metadata", "name"])
+        );
+        if str_at(&doc, &["kind"]) == Some("Deployment") {
+            deployments += 1;
+        }
+    }
+    assert_eq!(deployments, SERVICES.len(), "one Deployment per service");
+}
+
 // ---------------------------------------------------------------------------------------
 // RabbitMQ definitions
 // ---------------------------------------------------------------------------------------
