@@ -31,7 +31,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The Dockerfile target (and image suffix) of a service: `api`, `generator`, `webhook-sender`.
+/// The Dockerfile target of a service: `api`, `generator`, `webhook-sender`.
 fn docker_target(service: Service) -> &'static str {
     service
         .name()
