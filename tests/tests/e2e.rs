@@ -113,7 +113,7 @@ async fn seed_example_runs_from_submit_to_completed_webhook_and_video() {
     let task = stack.task(&task_id).await;
     assert_eq!(task["status"], "completed");
     assert_eq!(task["progress"], 100);
-    assert_eq!(task["video_url"].as_str().is_some(), true);
+    assert!(task["video_url"].as_str().is_some());
     assert!(task.get("error").is_none());
     stack.stop().await;
 }

@@ -28,7 +28,7 @@ fn terminal_by_task(hooks: &[ReceivedWebhook]) -> BTreeMap<String, Vec<ReceivedW
     for h in hooks {
         let b = h.json();
         if b["webhook_type"] == "video_generation_completed" {
-            map.entry(b["task_id"].as_str().unwrap().to_owned())
+            map.entry(b["task_id"].as_str().expect("task_id").to_owned())
                 .or_default()
                 .push(h.clone());
         }
@@ -44,7 +44,7 @@ async fn assert_all_delivered(receiver: &Receiver, tasks: &[String]) {
     })
     .await;
     for (task, copies) in terminal_by_task(&receiver.received()) {
-        let first = copies[0].header("webhook-id").unwrap();
+        let first = copies[0].header("webhook-id").expect("webhook-id header");
         assert!(
             copies.iter().all(|c| c.header("webhook-id") == Some(first)),
             "task {task}: duplicate deliveries carry different webhook-ids"
