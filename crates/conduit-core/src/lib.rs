@@ -8,6 +8,7 @@
 pub mod broker;
 pub mod config;
 pub mod messages;
+pub mod netguard;
 pub mod ops;
 pub mod payload;
 pub mod storage;
