@@ -1,0 +1,165 @@
+//! PostgreSQL: the connection pool, creating the database when it is missing, and the
+//! migrations, embedded in the binary and applied in order under an advisory lock so
+//! several API replicas starting together migrate once.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use conduit_core::config::DatabaseSettings;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tracing::info;
+
+/// Every migration, in order. Never edit one that has shipped: add the next.
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+
+/// Arbitrary constant naming the advisory lock that serialises migrations.
+const MIGRATION_LOCK: i64 = 0x636f_6e64_7569_7401;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
+    let mut config: tokio_postgres::Config = url.parse().context("parsing database.url")?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("conduit-api");
+    }
+    Ok(config)
+}
+
+/// Builds the pool. Connections are opened lazily, so this succeeds while the database
+/// is away; every wait is bounded so a request answers 503 instead of hanging.
+pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    let config = pg_config(settings.url.expose())?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(settings.pool_size.max(1))
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(Duration::from_secs(5)))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .build()
+        .context("building the database pool")
+}
+
+/// Creates the database named in `database.url` when it does not exist, by connecting
+/// to the `postgres` database of the same server.
+pub async fn ensure_database(settings: &DatabaseSettings) -> anyhow::Result<()> {
+    let config = pg_config(settings.url.expose())?;
+    let Some(name) = config.get_dbname().map(str::to_owned) else {
+        bail!("database.url names no database");
+    };
+    // A database we can reach needs nothing done (and the role may lack CREATEDB).
+    if let Ok((client, conn)) = config.connect(NoTls).await {
+        tokio::spawn(conn);
+        drop(client);
+        return Ok(());
+    }
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, conn) = admin
+        .connect(NoTls)
+        .await
+        .context("connecting to the postgres database to create the service's database")?;
+    tokio::spawn(conn);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .context("looking up the database")?
+        .is_some();
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match client.batch_execute(&sql).await {
+            Ok(()) => info!(database = %name, "created database"),
+            // Another replica created it between our look-up and our CREATE.
+            Err(e) if is_duplicate_database(&e) => {}
+            Err(e) => return Err(e).with_context(|| format!("creating database {name}")),
+        }
+    }
+    Ok(())
+}
+
+fn is_duplicate_database(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| matches!(db.code().code(), "42P04" | "23505"))
+}
+
+/// Applies every migration not yet recorded in `schema_migrations`.
+pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+    let mut client = pool
+        .get()
+        .await
+        .context("connecting to the database to migrate")?;
+    let tx = client.transaction().await.context("starting migration")?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("taking the migration lock")?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version integer PRIMARY KEY,
+             name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .context("creating schema_migrations")?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .context("reading schema_migrations")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("applying migration {version} ({name})"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await
+        .context("recording migration")?;
+        info!(version, name, "applied migration");
+    }
+    tx.commit().await.context("committing migrations")?;
+    Ok(())
+}
+
+/// Creates the database if needed, builds the pool and migrates: what every entry point
+/// (serve, migrate, keys) does first.
+pub async fn connect_and_migrate(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
+    ensure_database(settings).await?;
+    let pool = pool(settings)?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// A value of the `settings` table, written once when missing (first writer wins, so
+/// every replica ends up with the same value).
+pub async fn setting_or_insert(pool: &Pool, key: &str, fresh: String) -> anyhow::Result<String> {
+    let client = pool.get().await.context("connecting to the database")?;
+    client
+        .execute(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            &[&key, &fresh],
+        )
+        .await
+        .with_context(|| format!("storing setting {key}"))?;
+    let row = client
+        .query_one("SELECT value FROM settings WHERE key = $1", &[&key])
+        .await
+        .with_context(|| format!("reading setting {key}"))?;
+    Ok(row.get(0))
+}

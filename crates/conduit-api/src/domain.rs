@@ -1,0 +1,728 @@
+//! The submit request, parsed into types that cannot hold an invalid value. Parsing
+//! starts from a `serde_json::Value`, not a derived `Deserialize`, so every refusal names
+//! the exact field and says whether it was missing, unknown, of the wrong JSON type or
+//! out of range.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+    time::Duration,
+};
+
+use conduit_core::{config::Settings, netguard::is_forbidden_ip, payload::WebhookEvent};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use url::{Host, Url};
+
+use crate::error::FieldError;
+
+pub const MAX_PROMPT_CHARS: usize = 4000;
+pub const MAX_DURATION: u32 = 60;
+pub const DEFAULT_DURATION: u32 = 6;
+pub const DEFAULT_SIZE: (u32, u32) = (1280, 720);
+pub const DEFAULT_FPS: u32 = 24;
+pub const MAX_URL_CHARS: usize = 2048;
+pub const MAX_HEADERS: usize = 20;
+pub const MAX_HEADERS_BYTES: usize = 8 * 1024;
+const FORBIDDEN_HEADERS: [&str; 6] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "user-agent",
+];
+const FIELDS: [&str; 9] = [
+    "model",
+    "prompt",
+    "duration",
+    "size",
+    "fps",
+    "seed",
+    "webhook_url",
+    "webhook_headers",
+    "webhook_events",
+];
+
+/// One configured model and whether its provider can be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelEntry {
+    pub id: String,
+    pub provider: String,
+    pub upstream_model: Option<String>,
+    pub max_duration: Option<u32>,
+    /// The setting that must be set before the model can be used, when it is not.
+    pub missing_setting: Option<String>,
+}
+
+impl ModelEntry {
+    pub fn available(&self) -> bool {
+        self.missing_setting.is_none()
+    }
+}
+
+/// The configured models, by id.
+#[derive(Debug, Clone, Default)]
+pub struct ModelCatalog(BTreeMap<String, ModelEntry>);
+
+impl ModelCatalog {
+    pub fn from_settings(settings: &Settings) -> Self {
+        let p = &settings.providers;
+        let entries = settings
+            .models
+            .iter()
+            .map(|(id, m)| {
+                let missing_setting = match m.provider.as_str() {
+                    "local" => None,
+                    "minimax" if p.minimax.api_key.is_none() => {
+                        Some("CONDUIT__PROVIDERS__MINIMAX__API_KEY".to_owned())
+                    }
+                    "openai" if p.openai.api_key.is_none() => {
+                        Some("CONDUIT__PROVIDERS__OPENAI__API_KEY".to_owned())
+                    }
+                    "replicate" if p.replicate.api_key.is_none() => {
+                        Some("CONDUIT__PROVIDERS__REPLICATE__API_TOKEN".to_owned())
+                    }
+                    "minimax" | "openai" | "replicate" => None,
+                    other => Some(format!(
+                        "a supported provider (not {other:?}) in CONDUIT__MODELS__{}__PROVIDER",
+                        id.to_uppercase().replace('-', "_")
+                    )),
+                };
+                let entry = ModelEntry {
+                    id: id.clone(),
+                    provider: m.provider.clone(),
+                    upstream_model: m.upstream_model.clone(),
+                    max_duration: m.max_duration,
+                    missing_setting,
+                };
+                (id.clone(), entry)
+            })
+            .collect();
+        Self(entries)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ModelEntry> {
+        self.0.get(id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &ModelEntry> {
+        self.0.values()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt(String);
+
+impl Prompt {
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let chars = raw.chars().count();
+        if raw.trim().is_empty() {
+            return Err(FieldError::invalid("prompt", "prompt must not be empty"));
+        }
+        if chars > MAX_PROMPT_CHARS {
+            return Err(FieldError::invalid(
+                "prompt",
+                format!("prompt must be at most {MAX_PROMPT_CHARS} characters (got {chars})"),
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl FrameSize {
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let bad = || {
+            FieldError::invalid(
+                "size",
+                format!("size must look like \"1280x720\": WIDTHxHEIGHT, both even, from 64 to 3840 (got {raw:?})"),
+            )
+        };
+        let (w, h) = raw.split_once('x').ok_or_else(bad)?;
+        let dim = |s: &str| -> Result<u32, FieldError> {
+            if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let n: u32 = s.parse().map_err(|_| bad())?;
+            if !(64..=3840).contains(&n) || !n.is_multiple_of(2) {
+                return Err(bad());
+            }
+            Ok(n)
+        };
+        Ok(Self {
+            width: dim(w)?,
+            height: dim(h)?,
+        })
+    }
+}
+
+impl std::fmt::Display for FrameSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// An absolute http(s) URL without user-info; its host is checked separately
+/// ([`guard_webhook_target`]) because that may need DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookUrl(Url);
+
+impl WebhookUrl {
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let invalid = |why: &str| FieldError::invalid("webhook_url", format!("webhook_url {why}"));
+        if raw.chars().count() > MAX_URL_CHARS {
+            return Err(invalid(&format!(
+                "must be at most {MAX_URL_CHARS} characters"
+            )));
+        }
+        let url = Url::parse(raw).map_err(|e| invalid(&format!("is not an absolute URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("must use http or https"));
+        }
+        if url.host().is_none() {
+            return Err(invalid("must name a host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid("must not carry user-info (user:password@)"));
+        }
+        Ok(Self(url))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn url(&self) -> &Url {
+        &self.0
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WebhookHeaders(BTreeMap<String, String>);
+
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl WebhookHeaders {
+    pub fn parse(value: &Value) -> Result<Self, FieldError> {
+        let invalid = |why: String| FieldError::invalid("webhook_headers", why);
+        let obj = value.as_object().ok_or_else(|| {
+            invalid("webhook_headers must be an object of string to string".into())
+        })?;
+        if obj.len() > MAX_HEADERS {
+            return Err(invalid(format!(
+                "webhook_headers may hold at most {MAX_HEADERS} entries"
+            )));
+        }
+        let mut total = 0;
+        let mut headers = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for (name, v) in obj {
+            let v = v
+                .as_str()
+                .ok_or_else(|| invalid(format!("webhook_headers.{name} must be a string")))?;
+            if !is_token(name) {
+                return Err(invalid(format!(
+                    "webhook_headers name {name:?} is not a valid HTTP header name"
+                )));
+            }
+            let lower = name.to_ascii_lowercase();
+            if FORBIDDEN_HEADERS.contains(&lower.as_str()) || lower.starts_with("webhook-") {
+                return Err(invalid(format!(
+                    "webhook_headers may not set {name}: Conduit sets it itself"
+                )));
+            }
+            if !seen.insert(lower) {
+                return Err(invalid(format!("webhook_headers names {name} twice")));
+            }
+            if v.contains(['\r', '\n', '\0']) {
+                return Err(invalid(format!(
+                    "webhook_headers.{name} must not contain CR, LF or NUL"
+                )));
+            }
+            total += name.len() + v.len();
+            headers.insert(name.clone(), v.to_owned());
+        }
+        if total > MAX_HEADERS_BYTES {
+            return Err(invalid(format!(
+                "webhook_headers must total at most {MAX_HEADERS_BYTES} bytes"
+            )));
+        }
+        Ok(Self(headers))
+    }
+
+    pub fn as_map(&self) -> &BTreeMap<String, String> {
+        &self.0
+    }
+
+    pub fn from_map(map: BTreeMap<String, String>) -> Self {
+        Self(map)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvents(BTreeSet<WebhookEvent>);
+
+impl Default for WebhookEvents {
+    fn default() -> Self {
+        Self(WebhookEvent::ALL.into_iter().collect())
+    }
+}
+
+impl WebhookEvents {
+    pub fn parse(value: &Value) -> Result<Self, FieldError> {
+        let invalid = |why: String| FieldError::invalid("webhook_events", why);
+        let items = value.as_array().ok_or_else(|| {
+            invalid("webhook_events must be an array of \"progress\", \"completed\", \"failed\", \"cancelled\"".into())
+        })?;
+        let mut set = BTreeSet::new();
+        for item in items {
+            let event = item.as_str().and_then(WebhookEvent::parse).ok_or_else(|| {
+                invalid(format!(
+                    "webhook_events holds {item}; allowed are \"progress\", \"completed\", \"failed\", \"cancelled\""
+                ))
+            })?;
+            set.insert(event);
+        }
+        Ok(Self(set))
+    }
+
+    pub fn contains(&self, event: WebhookEvent) -> bool {
+        self.0.contains(&event)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.0.iter().map(|e| e.as_str().to_owned()).collect()
+    }
+
+    pub fn from_names(names: &[String]) -> Self {
+        Self(
+            names
+                .iter()
+                .filter_map(|n| WebhookEvent::parse(n))
+                .collect(),
+        )
+    }
+}
+
+/// A submit request that passed every rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    pub model: ModelEntry,
+    pub prompt: Prompt,
+    pub duration: u32,
+    pub size: FrameSize,
+    pub fps: u32,
+    pub seed: Option<i64>,
+    pub webhook_url: Option<WebhookUrl>,
+    pub webhook_headers: WebhookHeaders,
+    pub webhook_events: WebhookEvents,
+}
+
+fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
+    obj.get(field).filter(|v| !v.is_null())
+}
+
+fn int_in(
+    obj: &Map<String, Value>,
+    field: &str,
+    min: u32,
+    max: u32,
+    default: u32,
+) -> Result<u32, FieldError> {
+    let Some(v) = present(obj, field) else {
+        return Ok(default);
+    };
+    let range = || {
+        FieldError::invalid(
+            field,
+            format!("{field} must be an integer from {min} to {max}"),
+        )
+    };
+    let n = v.as_i64().ok_or_else(range)?;
+    if n < i64::from(min) || n > i64::from(max) {
+        return Err(range());
+    }
+    u32::try_from(n).map_err(|_| range())
+}
+
+impl GenerationRequest {
+    pub fn parse(body: &Value, models: &ModelCatalog) -> Result<Self, FieldError> {
+        let obj = body
+            .as_object()
+            .ok_or_else(|| FieldError::invalid("body", "The request body must be a JSON object"))?;
+        if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(FieldError::unknown(unknown));
+        }
+        let model_id = present(obj, "model").ok_or_else(|| FieldError::missing("model"))?;
+        let model_id = model_id
+            .as_str()
+            .ok_or_else(|| FieldError::invalid("model", "model must be a string"))?;
+        let model = models.get(model_id).ok_or_else(|| {
+            let known: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
+            FieldError::invalid(
+                "model",
+                format!(
+                    "model {model_id:?} does not exist; configured models: {}",
+                    known.join(", ")
+                ),
+            )
+        })?;
+        if let Some(setting) = &model.missing_setting {
+            return Err(FieldError::unsupported_model(format!(
+                "model {model_id:?} is not available: its provider {:?} is not configured (set {setting})",
+                model.provider
+            )));
+        }
+        let prompt = present(obj, "prompt").ok_or_else(|| FieldError::missing("prompt"))?;
+        let prompt = Prompt::parse(
+            prompt
+                .as_str()
+                .ok_or_else(|| FieldError::invalid("prompt", "prompt must be a string"))?,
+        )?;
+        let duration = int_in(obj, "duration", 1, MAX_DURATION, DEFAULT_DURATION)?;
+        if let Some(max) = model.max_duration {
+            if duration > max {
+                return Err(FieldError::invalid(
+                    "duration",
+                    format!("duration must be at most {max} seconds for model {model_id}"),
+                ));
+            }
+        }
+        let size = match present(obj, "size") {
+            None => FrameSize {
+                width: DEFAULT_SIZE.0,
+                height: DEFAULT_SIZE.1,
+            },
+            Some(v) => FrameSize::parse(v.as_str().ok_or_else(|| {
+                FieldError::invalid("size", "size must be a string such as \"1280x720\"")
+            })?)?,
+        };
+        let fps = int_in(obj, "fps", 1, 60, DEFAULT_FPS)?;
+        let seed = match present(obj, "seed") {
+            None => None,
+            Some(v) => Some(v.as_i64().ok_or_else(|| {
+                FieldError::invalid("seed", "seed must be an integer (64-bit signed)")
+            })?),
+        };
+        let webhook_url = match present(obj, "webhook_url") {
+            None => None,
+            Some(v) => Some(WebhookUrl::parse(v.as_str().ok_or_else(|| {
+                FieldError::invalid("webhook_url", "webhook_url must be a string")
+            })?)?),
+        };
+        let webhook_headers = present(obj, "webhook_headers")
+            .map(WebhookHeaders::parse)
+            .transpose()?
+            .unwrap_or_default();
+        let webhook_events = present(obj, "webhook_events")
+            .map(WebhookEvents::parse)
+            .transpose()?
+            .unwrap_or_default();
+        Ok(Self {
+            model: model.clone(),
+            prompt,
+            duration,
+            size,
+            fps,
+            seed,
+            webhook_url,
+            webhook_headers,
+            webhook_events,
+        })
+    }
+
+    /// A stable digest of what was asked for (defaults filled in), for Idempotency-Key.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::json!({
+            "model": self.model.id,
+            "prompt": self.prompt.as_str(),
+            "duration": self.duration,
+            "size": self.size.to_string(),
+            "fps": self.fps,
+            "seed": self.seed,
+            "webhook_url": self.webhook_url.as_ref().map(WebhookUrl::as_str),
+            "webhook_headers": self.webhook_headers.as_map(),
+            "webhook_events": self.webhook_events.names(),
+        });
+        Sha256::digest(canonical.to_string().as_bytes()).into()
+    }
+}
+
+/// Refuses webhook targets on internal addresses: a literal address, or a name that
+/// resolves to one. A name that does not resolve (yet) is accepted; the sender checks
+/// the address it dials anyway.
+pub async fn guard_webhook_target(url: &WebhookUrl, allow_private: bool) -> Result<(), FieldError> {
+    if allow_private {
+        return Ok(());
+    }
+    let refused = |ip: IpAddr| {
+        FieldError::invalid(
+            "webhook_url",
+            format!(
+                "webhook_url points at {ip}, a private, loopback or otherwise internal address"
+            ),
+        )
+    };
+    let port = url.url().port_or_known_default().unwrap_or(443);
+    match url.url().host() {
+        Some(Host::Ipv4(ip)) if is_forbidden_ip(IpAddr::V4(ip)) => Err(refused(IpAddr::V4(ip))),
+        Some(Host::Ipv6(ip)) if is_forbidden_ip(IpAddr::V6(ip)) => Err(refused(IpAddr::V6(ip))),
+        Some(Host::Domain(name)) => {
+            let lookup = tokio::net::lookup_host((name.trim_end_matches('.'), port));
+            let Ok(Ok(addrs)) = tokio::time::timeout(Duration::from_secs(2), lookup).await else {
+                return Ok(());
+            };
+            for addr in addrs {
+                if is_forbidden_ip(addr.ip()) {
+                    return Err(refused(addr.ip()));
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::FieldCode;
+    use serde_json::json;
+
+    fn catalog() -> ModelCatalog {
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.minimax.api_key = None;
+        ModelCatalog::from_settings(&s)
+    }
+
+    fn refused(body: Value) -> FieldError {
+        GenerationRequest::parse(&body, &catalog()).unwrap_err()
+    }
+
+    fn base() -> Value {
+        json!({"model": "local-video", "prompt": "a cat"})
+    }
+
+    fn with(field: &str, value: Value) -> Value {
+        let mut b = base();
+        b[field] = value;
+        b
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let r = GenerationRequest::parse(&base(), &catalog()).unwrap();
+        assert_eq!(r.duration, 6);
+        assert_eq!(
+            r.size,
+            FrameSize {
+                width: 1280,
+                height: 720
+            }
+        );
+        assert_eq!(r.fps, 24);
+        assert_eq!(r.webhook_events, WebhookEvents::default());
+        assert!(r.webhook_url.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = refused(with("webhookurl", json!("https://x.example")));
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::UnknownParameter, "webhookurl")
+        );
+    }
+
+    #[test]
+    fn required_fields() {
+        let e = refused(json!({"prompt": "x"}));
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::MissingParameter, "model")
+        );
+        let e = refused(json!({"model": "local-video"}));
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::MissingParameter, "prompt")
+        );
+    }
+
+    #[test]
+    fn wrong_json_types_are_invalid_values() {
+        for (field, value) in [
+            ("duration", json!("6")),
+            ("duration", json!(6.5)),
+            ("fps", json!(true)),
+            ("size", json!(1280)),
+            ("seed", json!("1")),
+            ("prompt", json!(5)),
+            ("model", json!(["local-video"])),
+            ("webhook_url", json!(1)),
+            ("webhook_headers", json!(["a"])),
+            ("webhook_events", json!("completed")),
+        ] {
+            let e = refused(with(field, value));
+            assert_eq!((e.code, e.param.as_str()), (FieldCode::InvalidValue, field));
+        }
+    }
+
+    #[test]
+    fn ranges() {
+        for (field, value) in [
+            ("duration", json!(0)),
+            ("duration", json!(61)),
+            ("fps", json!(0)),
+            ("fps", json!(61)),
+            ("size", json!("1280x721")),
+            ("size", json!("62x64")),
+            ("size", json!("3842x64")),
+            ("size", json!("1280*720")),
+            ("size", json!("+128x128")),
+            ("prompt", json!("")),
+            ("prompt", json!("x".repeat(4001))),
+        ] {
+            let e = refused(with(field, value.clone()));
+            assert_eq!(
+                (e.code, e.param.as_str()),
+                (FieldCode::InvalidValue, field),
+                "{value}"
+            );
+        }
+        assert!(
+            GenerationRequest::parse(&with("prompt", json!("é".repeat(4000))), &catalog()).is_ok()
+        );
+        assert!(GenerationRequest::parse(&with("size", json!("64x3840")), &catalog()).is_ok());
+    }
+
+    #[test]
+    fn models() {
+        let e = refused(with("model", json!("nope")));
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::InvalidValue, "model")
+        );
+        let e = refused(with("model", json!("minimax-video")));
+        assert_eq!(e.code, FieldCode::UnsupportedModel);
+        assert!(e.message.contains("CONDUIT__PROVIDERS__MINIMAX__API_KEY"));
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.minimax.api_key = Some(conduit_core::Secret::new("k"));
+        let cat = ModelCatalog::from_settings(&s);
+        let mut b = with("model", json!("minimax-video"));
+        b["duration"] = json!(11);
+        let e = GenerationRequest::parse(&b, &cat).unwrap_err();
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::InvalidValue, "duration")
+        );
+    }
+
+    #[test]
+    fn webhook_urls() {
+        for bad in [
+            "ftp://x.example/a",
+            "/relative",
+            "https://user:pw@x.example/",
+            "https://user@x.example/",
+            "mailto:a@b.c",
+        ] {
+            let e = refused(with("webhook_url", json!(bad)));
+            assert_eq!(
+                (e.code, e.param.as_str()),
+                (FieldCode::InvalidValue, "webhook_url"),
+                "{bad}"
+            );
+        }
+        let long = format!("https://x.example/{}", "a".repeat(2040));
+        assert_eq!(
+            refused(with("webhook_url", json!(long))).param,
+            "webhook_url"
+        );
+    }
+
+    #[test]
+    fn webhook_headers() {
+        let mut many = serde_json::Map::new();
+        for i in 0..21 {
+            many.insert(format!("X-H{i}"), json!("v"));
+        }
+        for bad in [
+            json!({"Host": "x"}),
+            json!({"content-type": "x"}),
+            json!({"Content-Length": "1"}),
+            json!({"Transfer-Encoding": "x"}),
+            json!({"Connection": "x"}),
+            json!({"User-Agent": "x"}),
+            json!({"Webhook-Id": "x"}),
+            json!({"X-A": "a\r\nb"}),
+            json!({"X-A": "a\u{0}"}),
+            json!({"Bad Name": "x"}),
+            json!({"": "x"}),
+            json!({"X-A": 1}),
+            json!({"X-A": "x".repeat(8200)}),
+            Value::Object(many),
+        ] {
+            let e = refused(with("webhook_headers", bad.clone()));
+            assert_eq!(
+                (e.code, e.param.as_str()),
+                (FieldCode::InvalidValue, "webhook_headers"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn webhook_events() {
+        let e = refused(with("webhook_events", json!(["completed", "done"])));
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::InvalidValue, "webhook_events")
+        );
+        let r = GenerationRequest::parse(
+            &with("webhook_events", json!(["failed", "failed"])),
+            &catalog(),
+        )
+        .unwrap();
+        assert_eq!(r.webhook_events.names(), vec!["failed".to_owned()]);
+    }
+
+    #[test]
+    fn fingerprint_ignores_spelled_out_defaults() {
+        let a = GenerationRequest::parse(&base(), &catalog()).unwrap();
+        let b = GenerationRequest::parse(&with("duration", json!(6)), &catalog()).unwrap();
+        let c = GenerationRequest::parse(&with("duration", json!(7)), &catalog()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[tokio::test]
+    async fn guard_refuses_loopback_literals_and_names() {
+        for url in [
+            "http://127.0.0.1/hook",
+            "http://[::1]:8080/hook",
+            "http://[::ffff:127.0.0.1]/",
+            "http://2130706433/",
+            "http://localhost:9/hook",
+        ] {
+            let u = WebhookUrl::parse(url).unwrap();
+            assert!(guard_webhook_target(&u, false).await.is_err(), "{url}");
+            assert!(guard_webhook_target(&u, true).await.is_ok(), "{url}");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! One error type for every failure the API can answer with, rendered in one place as
+//! the OpenAI-shaped JSON body the contract promises, whatever produced it (a handler,
+//! an extractor, routing, or actix itself through [`json_error_safety_net`]).
+
+use actix_web::{
+    body::{BoxBody, EitherBody, MessageBody},
+    dev::ServiceResponse,
+    http::{header, StatusCode},
+    middleware::ErrorHandlerResponse,
+    HttpResponse, ResponseError,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// The `code` of a 400 answer about one request field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldCode {
+    MissingParameter,
+    InvalidValue,
+    UnknownParameter,
+    UnsupportedModel,
+}
+
+impl FieldCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FieldCode::MissingParameter => "missing_parameter",
+            FieldCode::InvalidValue => "invalid_value",
+            FieldCode::UnknownParameter => "unknown_parameter",
+            FieldCode::UnsupportedModel => "unsupported_model",
+        }
+    }
+}
+
+/// Why one field of a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub param: String,
+    pub code: FieldCode,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn missing(param: &str) -> Self {
+        Self {
+            param: param.to_owned(),
+            code: FieldCode::MissingParameter,
+            message: format!("Missing required parameter: '{param}'"),
+        }
+    }
+
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self {
+            param: param.to_owned(),
+            code: FieldCode::InvalidValue,
+            message: message.into(),
+        }
+    }
+
+    pub fn unknown(param: &str) -> Self {
+        Self {
+            param: param.to_owned(),
+            code: FieldCode::UnknownParameter,
+            message: format!("Unrecognized request argument supplied: '{param}'"),
+        }
+    }
+
+    pub fn unsupported_model(message: impl Into<String>) -> Self {
+        Self {
+            param: "model".to_owned(),
+            code: FieldCode::UnsupportedModel,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{}", .0.message)]
+    Field(FieldError),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("Missing or invalid API key. Send it as 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.")]
+    Unauthorized,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("This route does not support the {0} method")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
+    InvalidOperation(String),
+    #[error("This Idempotency-Key was already used with a different request body")]
+    IdempotencyKeyReused,
+    #[error("The request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("The request body must be JSON, sent with 'Content-Type: application/json'")]
+    UnsupportedMediaType,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("The requested range is not satisfiable")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("The service is temporarily unavailable; retry shortly")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("The server had an error while processing the request")]
+    Unexpected(#[source] anyhow::Error),
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        ApiError::Field(e)
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    /// Storage errors that mean "the database is away" become 503, so a client retries;
+    /// anything else is a bug and becomes a logged 500.
+    fn from(err: anyhow::Error) -> Self {
+        if is_unavailable(&err) {
+            ApiError::Unavailable(err)
+        } else {
+            ApiError::Unexpected(err)
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        anyhow::Error::from(err).into()
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        ApiError::Unavailable(anyhow::Error::from(err).context("taking a database connection"))
+    }
+}
+
+/// True when an error chain says the database cannot be reached right now.
+pub fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        if cause
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some()
+        {
+            return true;
+        }
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return pg_is_unavailable(pg);
+        }
+        cause.downcast_ref::<std::io::Error>().is_some()
+    })
+}
+
+fn pg_is_unavailable(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.as_db_error() {
+        // Connection exceptions, shutdowns, too many connections, read-only failover.
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code == "25006"
+        }
+        None => std::error::Error::source(err)
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()),
+    }
+}
+
+/// The OpenAI error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error` or `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+    pub code: String,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Field(f) => f.code.as_str(),
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::InvalidOperation(_) => "invalid_operation",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Forbidden(_) => "invalid_signature",
+            ApiError::Gone(_) => "expired",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::Unavailable(_) => "service_unavailable",
+            ApiError::Unexpected(_) => "internal_error",
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::Field(f) => Some(&f.param),
+            _ => None,
+        }
+    }
+
+    pub fn not_found_task() -> Self {
+        ApiError::NotFound("No task found with that id".into())
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        error_body(
+            self.status_code(),
+            self.to_string(),
+            self.param(),
+            self.code(),
+        )
+    }
+}
+
+pub fn error_body(
+    status: StatusCode,
+    message: String,
+    param: Option<&str>,
+    code: &str,
+) -> ErrorBody {
+    let kind = if status == StatusCode::UNAUTHORIZED {
+        "authentication_error"
+    } else if status.is_server_error() {
+        "server_error"
+    } else {
+        "invalid_request_error"
+    };
+    ErrorBody {
+        error: ErrorDetail {
+            message,
+            kind: kind.into(),
+            param: param.map(str::to_owned),
+            code: code.into(),
+        },
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Field(_) | ApiError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::InvalidOperation(_) | ApiError::IdempotencyKeyReused => StatusCode::CONFLICT,
+            ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unexpected(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            ApiError::Unexpected(err) => {
+                tracing::error!(error = %format!("{err:#}"), "request failed unexpectedly")
+            }
+            ApiError::Unavailable(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "dependency unavailable")
+            }
+            _ => {}
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            ApiError::Unauthorized => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::RangeNotSatisfiable { size } => {
+                response.insert_header((header::CONTENT_RANGE, format!("bytes */{size}")));
+            }
+            ApiError::Unavailable(_) => {
+                response.insert_header((header::RETRY_AFTER, "1"));
+            }
+            _ => {}
+        }
+        response.json(self.body())
+    }
+}
+
+/// The code a bare status gets when something outside the handlers (actix's own routing
+/// or extractors) answered it.
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_value",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        409 => "invalid_operation",
+        411 => "length_required",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        416 => "range_not_satisfiable",
+        431 => "request_header_fields_too_large",
+        503 => "service_unavailable",
+        s if s >= 500 => "internal_error",
+        _ => "invalid_request",
+    }
+}
+
+/// Middleware hook: any error response that is not already JSON (actix's plain-text
+/// errors) is rewritten to the JSON error shape, so no client ever sees another body.
+pub fn json_error_safety_net<B: MessageBody + 'static>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<ErrorHandlerResponse<B>> {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+    }
+    let status = res.status();
+    let message = res
+        .response()
+        .error()
+        .map(|e| e.to_string())
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| {
+            status
+                .canonical_reason()
+                .unwrap_or("Request failed")
+                .to_owned()
+        });
+    let body = error_body(status, message, None, code_for_status(status));
+    let (req, old) = res.into_parts();
+    let mut new = HttpResponse::build(status);
+    for (name, value) in old.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            new.append_header((name.clone(), value.clone()));
+        }
+    }
+    let new = new.json(body);
+    let res = ServiceResponse::new(req, new).map_into_right_body::<B>();
+    Ok(ErrorHandlerResponse::Response(
+        res.map_body(|_, b: EitherBody<B, BoxBody>| b),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_errors_render_the_openai_shape() {
+        let err = ApiError::from(FieldError::invalid(
+            "duration",
+            "duration must be an integer",
+        ));
+        let json = serde_json::to_value(err.body()).unwrap();
+        assert_eq!(json["error"]["param"], "duration");
+        assert_eq!(json["error"]["code"], "invalid_value");
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert_eq!(err.status_code(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn errors_without_param_leave_it_out() {
+        let json = serde_json::to_value(ApiError::Unauthorized.body()).unwrap();
+        assert!(json["error"].get("param").is_none());
+        assert_eq!(json["error"]["code"], "unauthorized");
+    }
+
+    #[test]
+    fn pool_errors_are_unavailable() {
+        let err = anyhow::Error::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "refused",
+        ))
+        .context("querying");
+        assert!(matches!(ApiError::from(err), ApiError::Unavailable(_)));
+        let bug = anyhow::anyhow!("a bug");
+        assert!(matches!(ApiError::from(bug), ApiError::Unexpected(_)));
+    }
+}

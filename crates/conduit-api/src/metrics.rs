@@ -1,0 +1,100 @@
+//! The API's Prometheus metrics, registered in the registry `/metrics` serves.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub tasks_submitted: IntCounterVec,
+    pub outbox_depth: IntGauge,
+    pub outbox_oldest_age_seconds: IntGauge,
+    pub outbox_published: IntCounter,
+    pub outbox_publish_failures: IntCounter,
+    pub ledger_events: IntCounterVec,
+    pub webhook_outcomes: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            Opts::new(
+                "conduit_api_http_requests_total",
+                "HTTP requests by route, method and status",
+            ),
+            &["route", "method", "status"],
+        )?;
+        let http_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "conduit_api_http_request_duration_seconds",
+                "HTTP request latency by route",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["route", "method"],
+        )?;
+        let tasks_submitted = IntCounterVec::new(
+            Opts::new(
+                "conduit_api_tasks_submitted_total",
+                "Tasks accepted (202) by model",
+            ),
+            &["model"],
+        )?;
+        let outbox_depth = IntGauge::new(
+            "conduit_api_outbox_depth",
+            "Outbox rows written but not yet published",
+        )?;
+        let outbox_oldest_age_seconds = IntGauge::new(
+            "conduit_api_outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row",
+        )?;
+        let outbox_published = IntCounter::new(
+            "conduit_api_outbox_published_total",
+            "Outbox messages published to RabbitMQ (confirmed)",
+        )?;
+        let outbox_publish_failures = IntCounter::new(
+            "conduit_api_outbox_publish_failures_total",
+            "Outbox batches RabbitMQ did not confirm (retried)",
+        )?;
+        let ledger_events = IntCounterVec::new(
+            Opts::new(
+                "conduit_api_ledger_events_total",
+                "Status events by result: applied, or dropped as stale, duplicate or after a terminal state",
+            ),
+            &["result"],
+        )?;
+        let webhook_outcomes = IntCounterVec::new(
+            Opts::new(
+                "conduit_api_webhook_outcomes_total",
+                "Webhook attempt outcomes recorded, by state",
+            ),
+            &["state"],
+        )?;
+        registry.register(Box::new(http_requests.clone()))?;
+        registry.register(Box::new(http_duration.clone()))?;
+        registry.register(Box::new(tasks_submitted.clone()))?;
+        registry.register(Box::new(outbox_depth.clone()))?;
+        registry.register(Box::new(outbox_oldest_age_seconds.clone()))?;
+        registry.register(Box::new(outbox_published.clone()))?;
+        registry.register(Box::new(outbox_publish_failures.clone()))?;
+        registry.register(Box::new(ledger_events.clone()))?;
+        registry.register(Box::new(webhook_outcomes.clone()))?;
+        Ok(Self {
+            registry,
+            http_requests,
+            http_duration,
+            tasks_submitted,
+            outbox_depth,
+            outbox_oldest_age_seconds,
+            outbox_published,
+            outbox_publish_failures,
+            ledger_events,
+            webhook_outcomes,
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! The transactional outbox. Whatever must reach RabbitMQ because of a state change is
+//! written to `outbox` in the same transaction as the change; the relay publishes it
+//! afterwards with publisher confirms and only then deletes it. A broker outage
+//! therefore delays messages and never loses them, and never fails a request.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use conduit_core::{Broker, Outgoing, Target};
+use deadpool_postgres::{GenericClient, Pool};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+use crate::{error::ApiError, metrics::Metrics};
+
+/// Rows published per transaction.
+const BATCH: i64 = 500;
+/// Poll interval when nobody wakes the relay (other API replicas write rows too).
+const POLL: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the backlog gauges are refreshed.
+const GAUGE_EVERY: Duration = Duration::from_secs(5);
+
+/// Adds a message to the outbox inside the caller's transaction.
+pub async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> Result<(), ApiError> {
+    let (target, route) = match &message.target {
+        Target::Queue(route) => ("queue", route.as_str()),
+        Target::Control => ("control", ""),
+    };
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO outbox (target, route, body, task_id, message_id) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .await
+        .context("preparing outbox insert")?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &target,
+                &route,
+                &message.body,
+                &message.task_id,
+                &message.message_id,
+            ],
+        )
+        .await
+        .context("writing to the outbox")?;
+    Ok(())
+}
+
+/// Publishes outbox rows until `shutdown` fires.
+pub struct OutboxRelay {
+    pub pool: Pool,
+    pub broker: Broker,
+    pub wake: Arc<Notify>,
+    pub metrics: Metrics,
+}
+
+impl OutboxRelay {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_gauge = tokio::time::Instant::now() - GAUGE_EVERY;
+        loop {
+            if last_gauge.elapsed() >= GAUGE_EVERY {
+                last_gauge = tokio::time::Instant::now();
+                if let Err(err) = self.refresh_gauges().await {
+                    debug!(error = %format!("{err:#}"), "could not read the outbox backlog");
+                }
+            }
+            let outcome = if self.broker.is_ready() {
+                self.publish_once().await
+            } else {
+                Ok(0)
+            };
+            let pause = match outcome {
+                Ok(n) if n as i64 >= BATCH => Duration::ZERO,
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    POLL
+                }
+                Err(err) => {
+                    self.metrics.outbox_publish_failures.inc();
+                    warn!(error = %format!("{err:#}"), retry_in_ms = backoff.as_millis() as u64, "outbox relay could not publish; rows stay for the next try");
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    pause
+                }
+            };
+            if pause.is_zero() {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Publishes one batch; returns how many rows it published.
+    pub async fn publish_once(&self) -> anyhow::Result<usize> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .context("connecting to the database")?;
+        let tx = client.transaction().await.context("starting relay batch")?;
+        let stmt = tx
+            .prepare_cached(
+                "SELECT id, target, route, body, task_id, message_id FROM outbox
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .await
+            .context("preparing outbox read")?;
+        let rows = tx
+            .query(&stmt, &[&BATCH])
+            .await
+            .context("reading the outbox")?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: i64 = row.get(0);
+            let target: String = row.get(1);
+            let route: String = row.get(2);
+            ids.push(id);
+            messages.push(Outgoing {
+                target: if target == "control" {
+                    Target::Control
+                } else {
+                    Target::Queue(route)
+                },
+                body: row.get(3),
+                task_id: row.get::<_, Option<Uuid>>(4),
+                message_id: row.get(5),
+            });
+        }
+        self.broker
+            .publish_batch(&messages)
+            .await
+            .context("publishing outbox batch")?;
+        let delete = tx
+            .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
+            .await
+            .context("preparing outbox delete")?;
+        tx.execute(&delete, &[&ids])
+            .await
+            .context("deleting published outbox rows")?;
+        // A crash between the confirm and this commit republishes the batch; consumers
+        // drop duplicates (jobs by attempt, status by sequence, webhooks by id).
+        tx.commit().await.context("committing relay batch")?;
+        self.metrics.outbox_published.inc_by(ids.len() as u64);
+        Ok(ids.len())
+    }
+
+    async fn refresh_gauges(&self) -> anyhow::Result<()> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .context("connecting to the database")?;
+        let row = client
+            .query_one(
+                "SELECT count(*), COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::bigint, 0) FROM outbox",
+                &[],
+            )
+            .await
+            .context("measuring the outbox")?;
+        self.metrics.outbox_depth.set(row.get(0));
+        self.metrics.outbox_oldest_age_seconds.set(row.get(1));
+        Ok(())
+    }
+}

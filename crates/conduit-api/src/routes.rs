@@ -1,0 +1,559 @@
+//! The public HTTP API: one handler per endpoint of the contract, each documented for
+//! the OpenAPI description. Handlers parse, call the storage layer, and shape the
+//! answer; every failure is an [`ApiError`].
+
+use std::collections::HashMap;
+
+use actix_web::{
+    http::header::{self, HeaderMap},
+    web, HttpRequest, HttpResponse,
+};
+use chrono::{DateTime, Utc};
+use conduit_core::time::format_millis;
+use futures::StreamExt;
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    auth::Caller,
+    domain::{guard_webhook_target, GenerationRequest},
+    error::{ApiError, ErrorBody, FieldError},
+    state::AppState,
+    tasks::{self, Submitted, TaskRow, TaskStatus},
+    webhooks::{self, Redelivery, WebhookLog},
+};
+
+/// Largest accepted submit body.
+pub const MAX_BODY: usize = 64 * 1024;
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The submit body, for the OpenAPI description (the handler parses a
+/// `serde_json::Value` itself, to name the exact field that is wrong).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+#[schema(example = json!({"model": "local-video", "prompt": "A serene mountain landscape with clouds", "duration": 6, "size": "1280x720", "webhook_url": "https://your-app.com/webhooks/video-complete", "webhook_headers": {"Authorization": "Bearer your-webhook-secret"}}))]
+pub struct GenerationBody {
+    /// One of `GET /v1/models`.
+    model: String,
+    /// 1 to 4000 characters.
+    #[schema(min_length = 1, max_length = 4000)]
+    prompt: String,
+    /// Seconds, 1 to 60 (a model may allow less).
+    #[schema(minimum = 1, maximum = 60, default = 6)]
+    duration: Option<u32>,
+    /// `WIDTHxHEIGHT`, both even, 64 to 3840.
+    #[schema(default = "1280x720", pattern = "^[0-9]+x[0-9]+$")]
+    size: Option<String>,
+    #[schema(minimum = 1, maximum = 60, default = 24)]
+    fps: Option<u32>,
+    seed: Option<i64>,
+    /// Absolute http(s) URL, at most 2048 characters, no user-info, not an internal address.
+    #[schema(max_length = 2048)]
+    webhook_url: Option<String>,
+    /// At most 20 headers sent verbatim with every webhook.
+    webhook_headers: Option<HashMap<String, String>>,
+    /// Subset of `progress`, `completed`, `failed`, `cancelled`; default all four.
+    webhook_events: Option<Vec<String>>,
+}
+
+/// Answer to a submit or a retry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SubmitResponse {
+    pub task_id: Uuid,
+    pub status: String,
+    pub created_at: String,
+    pub estimated_completion_time: String,
+    pub check_status_url: String,
+}
+
+/// A task as `GET /v1/videos/generations/tasks/{task_id}` shows it. Keys without a value
+/// are left out.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskView {
+    pub task_id: Uuid,
+    /// `pending`, `processing`, `completed`, `failed` or `cancelled`.
+    pub status: String,
+    #[schema(minimum = 0, maximum = 100)]
+    pub progress: i16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds_remaining: Option<i64>,
+    pub model: String,
+    pub prompt: String,
+    pub duration: i32,
+    pub size: String,
+    pub fps: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub video_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_duration_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskList {
+    pub data: Vec<TaskView>,
+    pub has_more: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretView {
+    /// `whsec_` + base64: the key that signs this API key's webhooks.
+    pub secret: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelView {
+    pub id: String,
+    pub object: String,
+    pub provider: String,
+    /// False while the provider has no credentials configured.
+    pub available: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<u32>,
+    /// The setting that makes the model available, while it is not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missing_setting: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: String,
+    pub data: Vec<ModelView>,
+}
+
+fn fmt(at: &DateTime<Utc>) -> String {
+    format_millis(at)
+}
+
+fn status_url(task_id: Uuid) -> String {
+    format!("/v1/videos/generations/tasks/{task_id}")
+}
+
+fn task_id_of(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found_task())
+}
+
+fn accepted(task: &TaskRow) -> HttpResponse {
+    let body = SubmitResponse {
+        task_id: task.id,
+        status: task.status.as_str().to_owned(),
+        created_at: fmt(&task.created_at),
+        estimated_completion_time: fmt(
+            &(task.updated_at + chrono::Duration::seconds(task.estimated_seconds()))
+        ),
+        check_status_url: status_url(task.id),
+    };
+    HttpResponse::Accepted()
+        .insert_header((header::LOCATION, status_url(task.id)))
+        .json(body)
+}
+
+pub async fn task_view(state: &AppState, task: TaskRow) -> Result<TaskView, ApiError> {
+    let video_url = match (&task.status, &task.video_key, task.completed_at) {
+        (TaskStatus::Completed, Some(key), Some(done)) => {
+            Some(state.links.url_for(task.id, key, done, Utc::now()).await?)
+        }
+        _ => None,
+    };
+    let processing = task.status == TaskStatus::Processing;
+    Ok(TaskView {
+        task_id: task.id,
+        status: task.status.as_str().to_owned(),
+        progress: task.progress,
+        message: task.message,
+        estimated_seconds_remaining: task.eta_seconds.filter(|_| processing),
+        model: task.model,
+        prompt: task.prompt,
+        duration: task.duration,
+        size: format!("{}x{}", task.width, task.height),
+        fps: task.fps,
+        seed: task.seed,
+        created_at: fmt(&task.created_at),
+        updated_at: fmt(&task.updated_at),
+        completed_at: task.completed_at.as_ref().map(fmt),
+        video_url,
+        generation_duration_seconds: task
+            .generation_duration_seconds
+            .filter(|_| task.status == TaskStatus::Completed),
+        error: task.error,
+    })
+}
+
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    let Some(raw) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// Reads the body up to [`MAX_BODY`], refusing more without buffering it.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+) -> Result<web::BytesMut, ApiError> {
+    if !is_json_content_type(req.headers()) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY));
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::InvalidJson(format!("Could not read the request body: {e}")))?;
+        if body.len() + chunk.len() > MAX_BODY {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(raw) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let invalid = || {
+        ApiError::Field(FieldError::invalid(
+            "Idempotency-Key",
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+            ),
+        ))
+    };
+    let key = raw.to_str().map_err(|_| invalid())?.trim();
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| (0x20..0x7f).contains(&b))
+    {
+        return Err(invalid());
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Submit a video generation task.
+#[utoipa::path(
+    post,
+    path = "/v1/videos/generations/async",
+    tag = "tasks",
+    request_body(content = GenerationBody, content_type = "application/json"),
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit safe for 24 h")),
+    responses(
+        (status = 202, description = "The task is durably recorded", body = SubmitResponse,
+            headers(("Location" = String, description = "The task's status URL"))),
+        (status = 400, description = "Invalid request", body = ErrorBody),
+        (status = 401, description = "Missing or invalid API key", body = ErrorBody),
+        (status = 409, description = "Idempotency-Key reused with another body", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 415, description = "Body is not JSON", body = ErrorBody),
+        (status = 503, description = "Database unavailable", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+#[tracing::instrument(name = "submit", skip_all, fields(task_id))]
+pub async fn submit(
+    caller: Caller,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let idempotency = idempotency_key(&req)?;
+    let body = read_body(&req, payload).await?;
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidJson(format!("The request body is not valid JSON: {e}")))?;
+    let request = GenerationRequest::parse(&value, &state.models)?;
+    if let Some(url) = &request.webhook_url {
+        guard_webhook_target(url, state.settings.webhooks.allow_private_targets).await?;
+    }
+    let outcome = tasks::submit(&state.pool, &caller, &request, idempotency.as_deref()).await?;
+    let task = match outcome {
+        Submitted::Created(task) => {
+            state.wake_relay();
+            state
+                .metrics
+                .tasks_submitted
+                .with_label_values(&[task.model.as_str()])
+                .inc();
+            task
+        }
+        Submitted::Replayed(task) => task,
+    };
+    tracing::Span::current().record("task_id", tracing::field::display(task.id));
+    Ok(accepted(&task))
+}
+
+/// Look up one task.
+#[utoipa::path(
+    get,
+    path = "/v1/videos/generations/tasks/{task_id}",
+    tag = "tasks",
+    params(("task_id" = String, Path, description = "Task id (UUID)")),
+    responses(
+        (status = 200, body = TaskView),
+        (status = 401, body = ErrorBody),
+        (status = 404, description = "Unknown task, another key's task, or not a UUID", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+#[tracing::instrument(name = "get_task", skip_all, fields(task_id = %path))]
+pub async fn get_task(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let task_id = task_id_of(&path)?;
+    let client = state.pool.get().await?;
+    let task = tasks::get(&client, caller.key_id, task_id)
+        .await?
+        .ok_or_else(ApiError::not_found_task)?;
+    drop(client);
+    Ok(HttpResponse::Ok().json(task_view(&state, task).await?))
+}
+
+/// List the caller's tasks, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/videos/generations/tasks",
+    tag = "tasks",
+    params(
+        ("status" = Option<String>, Query, description = "Only tasks in this status"),
+        ("limit" = Option<i64>, Query, description = "1 to 100, default 20"),
+        ("after" = Option<String>, Query, description = "Task id of the last task of the previous page"),
+    ),
+    responses(
+        (status = 200, body = TaskList),
+        (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn list_tasks(
+    caller: Caller,
+    state: web::Data<AppState>,
+    query: web::Query<Vec<(String, String)>>,
+) -> Result<HttpResponse, ApiError> {
+    let mut status = None;
+    let mut limit = 20;
+    let mut after = None;
+    for (name, value) in query.into_inner() {
+        match name.as_str() {
+            "status" if value.is_empty() => {}
+            "status" => {
+                status = Some(TaskStatus::parse(&value).ok_or_else(|| {
+                    FieldError::invalid(
+                        "status",
+                        "status must be one of pending, processing, completed, failed, cancelled",
+                    )
+                })?)
+            }
+            "limit" if value.is_empty() => {}
+            "limit" => {
+                limit = value
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        FieldError::invalid("limit", "limit must be an integer from 1 to 100")
+                    })?
+            }
+            "after" if value.is_empty() => {}
+            "after" => {
+                after = Some(Uuid::parse_str(&value).map_err(|_| {
+                    FieldError::invalid("after", "after must be the id of one of your tasks")
+                })?)
+            }
+            other => return Err(FieldError::unknown(other).into()),
+        }
+    }
+    let client = state.pool.get().await?;
+    let (rows, has_more) = tasks::list(&client, caller.key_id, status, limit, after).await?;
+    drop(client);
+    let mut data = Vec::with_capacity(rows.len());
+    for task in rows {
+        data.push(task_view(&state, task).await?);
+    }
+    Ok(HttpResponse::Ok().json(TaskList { data, has_more }))
+}
+
+/// Cancel a pending or processing task.
+#[utoipa::path(
+    delete,
+    path = "/v1/videos/generations/{task_id}",
+    tag = "tasks",
+    params(("task_id" = String, Path, description = "Task id (UUID)")),
+    responses(
+        (status = 204, description = "Cancelled"),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Already terminal", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+#[tracing::instrument(name = "cancel", skip_all, fields(task_id = %path))]
+pub async fn cancel(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let task_id = task_id_of(&path)?;
+    tasks::cancel(&state.pool, &caller, task_id).await?;
+    state.wake_relay();
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Run a failed or cancelled task again as a new attempt.
+#[utoipa::path(
+    post,
+    path = "/v1/videos/generations/tasks/{task_id}/retry",
+    tag = "tasks",
+    params(("task_id" = String, Path, description = "Task id (UUID)")),
+    responses(
+        (status = 202, body = SubmitResponse, headers(("Location" = String, description = "The task's status URL"))),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "Not failed or cancelled", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+#[tracing::instrument(name = "retry", skip_all, fields(task_id = %path))]
+pub async fn retry(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let task_id = task_id_of(&path)?;
+    let task = tasks::retry(&state.pool, &caller, task_id).await?;
+    state.wake_relay();
+    Ok(accepted(&task))
+}
+
+/// The task's webhook delivery log.
+#[utoipa::path(
+    get,
+    path = "/v1/videos/generations/tasks/{task_id}/webhooks",
+    tag = "webhooks",
+    params(("task_id" = String, Path, description = "Task id (UUID)")),
+    responses(
+        (status = 200, body = WebhookLog),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn webhook_log(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let task_id = task_id_of(&path)?;
+    let log = webhooks::delivery_log(&state.pool, &caller, task_id)
+        .await?
+        .ok_or_else(ApiError::not_found_task)?;
+    Ok(HttpResponse::Ok().json(log))
+}
+
+/// Send the task's latest terminal webhook again (same webhook-id, fresh schedule).
+#[utoipa::path(
+    post,
+    path = "/v1/videos/generations/tasks/{task_id}/webhooks/redeliver",
+    tag = "webhooks",
+    params(("task_id" = String, Path, description = "Task id (UUID)")),
+    responses(
+        (status = 202, body = Redelivery),
+        (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, description = "No terminal webhook yet", body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+#[tracing::instrument(name = "redeliver", skip_all, fields(task_id = %path))]
+pub async fn redeliver(
+    caller: Caller,
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let task_id = task_id_of(&path)?;
+    let redelivery = webhooks::redeliver(&state.pool, &caller, task_id).await?;
+    state.wake_relay();
+    Ok(HttpResponse::Accepted().json(redelivery))
+}
+
+/// The calling key's webhook signing secret.
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/secret",
+    tag = "webhooks",
+    responses((status = 200, body = SecretView), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn webhook_secret(caller: Caller) -> HttpResponse {
+    HttpResponse::Ok().json(SecretView {
+        secret: caller.webhook_secret,
+    })
+}
+
+/// The configured video models.
+#[utoipa::path(
+    get,
+    path = "/v1/models",
+    tag = "models",
+    responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)),
+    security(("bearer" = []), ("api_key" = []))
+)]
+pub async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpResponse {
+    let data = state
+        .models
+        .iter()
+        .map(|m| ModelView {
+            id: m.id.clone(),
+            object: "model".into(),
+            provider: m.provider.clone(),
+            available: m.available(),
+            max_duration: m.max_duration,
+            missing_setting: m.missing_setting.clone(),
+        })
+        .collect();
+    HttpResponse::Ok().json(ModelList {
+        object: "list".into(),
+        data,
+    })
+}
+
+/// Answers unknown routes.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!(
+        "No route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// Answers known routes called with a method they do not support.
+pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed(req.method().to_string()))
+}

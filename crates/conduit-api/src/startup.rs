@@ -1,0 +1,294 @@
+//! Wiring one API process together: database, broker, background workers (outbox relay,
+//! ledger, outcome recorder) and the HTTP server, plus the order they stop in.
+
+use std::{net::TcpListener, sync::Arc, time::Duration};
+
+use actix_web::{
+    dev::{Server, Service},
+    middleware::ErrorHandlers,
+    web, HttpServer,
+};
+use anyhow::Context;
+use conduit_core::{
+    config::Settings,
+    ops::{self, OpsState, ReadyCheck},
+    storage::VideoStore,
+    Broker,
+};
+use futures::FutureExt;
+use tokio::{sync::Notify, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    auth::KeyCache,
+    db,
+    domain::ModelCatalog,
+    error::{json_error_safety_net, ApiError, FieldError},
+    ledger,
+    metrics::Metrics,
+    openapi,
+    outbox::OutboxRelay,
+    routes::{self, MAX_BODY},
+    state::AppState,
+    videos::{self, VideoLinks, SIGNING_KEY_SETTING},
+};
+
+/// How long background workers get to finish after the HTTP server stopped.
+const WORKER_GRACE: Duration = Duration::from_secs(22);
+
+/// A built API process, bound to its port and ready to run.
+pub struct App {
+    port: u16,
+    server: Server,
+    state: Arc<AppState>,
+    /// Stops the relay and the consumers.
+    work: CancellationToken,
+    /// Closes the broker connection, after the workers are done with it.
+    broker_stop: CancellationToken,
+}
+
+impl App {
+    /// Creates the database if needed, migrates, starts connecting to RabbitMQ in the
+    /// background and binds `http.bind` (port 0 picks a free port).
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let metrics = Metrics::new().context("registering metrics")?;
+        let pool = db::connect_and_migrate(&settings.database).await?;
+        let signing_key = match &settings.storage.signing_key {
+            Some(key) => key.expose().as_bytes().to_vec(),
+            None => {
+                let fresh = hex::encode(rand::random::<[u8; 32]>());
+                db::setting_or_insert(&pool, SIGNING_KEY_SETTING, fresh)
+                    .await?
+                    .into_bytes()
+            }
+        };
+        let store = VideoStore::from_url(&settings.storage.url)?;
+        let links = VideoLinks::new(
+            signing_key,
+            &settings.public_base_url,
+            Duration::from_secs(settings.storage.url_ttl_seconds),
+            store.clone(),
+        );
+        let work = CancellationToken::new();
+        let broker_stop = CancellationToken::new();
+        let broker = Broker::start(&settings.amqp, "conduit-api", broker_stop.clone());
+        let state = Arc::new(AppState {
+            models: ModelCatalog::from_settings(&settings),
+            settings,
+            pool,
+            broker,
+            key_cache: KeyCache::default(),
+            store,
+            links,
+            metrics,
+            outbox_ready: Arc::new(Notify::new()),
+        });
+        let listener = TcpListener::bind(&state.settings.http.bind)
+            .with_context(|| format!("binding {}", state.settings.http.bind))?;
+        let address = listener.local_addr().context("reading the bound address")?;
+        info!(service = "conduit-api", address = %address, "listening");
+        let server = http_server(state.clone(), listener)?;
+        Ok(App {
+            port: address.port(),
+            server,
+            state,
+            work,
+            broker_stop,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Shared state, for tests and tools that run beside the server.
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` fires, then stops taking requests, finishes those in
+    /// flight, lets the workers hand back or finish their messages, and closes the
+    /// broker connection last.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let App {
+            server,
+            state,
+            work,
+            broker_stop,
+            ..
+        } = self;
+        let workers = spawn_workers(&state, &work);
+        let handle = server.handle();
+        let mut server = tokio::spawn(server);
+        let result = tokio::select! {
+            () = shutdown.cancelled() => {
+                info!("stopping: no new requests; finishing those in flight");
+                handle.stop(true).await;
+                Ok(())
+            }
+            r = &mut server => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("HTTP server failed")),
+                Err(e) => Err(anyhow::Error::from(e).context("HTTP server task failed")),
+            },
+        };
+        work.cancel();
+        let wait = futures::future::join_all(workers);
+        if tokio::time::timeout(WORKER_GRACE, wait).await.is_err() {
+            warn!("background workers did not stop in time");
+        }
+        broker_stop.cancel();
+        state.pool.close();
+        info!("stopped");
+        result
+    }
+}
+
+fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHandle<()>> {
+    let relay = OutboxRelay {
+        pool: state.pool.clone(),
+        broker: state.broker.clone(),
+        wake: state.outbox_ready.clone(),
+        metrics: state.metrics.clone(),
+    };
+    let status = ledger::run_status_consumer(state.clone(), work.clone());
+    let outcomes = ledger::run_outcome_consumer(state.clone(), work.clone());
+    vec![
+        tokio::spawn(relay.run(work.clone())),
+        tokio::spawn(status.map(|r| {
+            if let Err(e) = r {
+                warn!(error = %format!("{e:#}"), "status consumer stopped");
+            }
+        })),
+        tokio::spawn(outcomes.map(|r| {
+            if let Err(e) = r {
+                warn!(error = %format!("{e:#}"), "outcome consumer stopped");
+            }
+        })),
+    ]
+}
+
+fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
+    let state = state.clone();
+    ReadyCheck::new(move || {
+        let state = state.clone();
+        async move {
+            if !state.broker.is_ready() {
+                return false;
+            }
+            let ping = async {
+                let client = state.pool.get().await.ok()?;
+                client.simple_query("SELECT 1").await.ok()
+            };
+            matches!(
+                tokio::time::timeout(Duration::from_secs(2), ping).await,
+                Ok(Some(_))
+            )
+        }
+    })
+}
+
+/// A resource whose unsupported methods answer 405 in the JSON error shape.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(routes::method_not_allowed))
+}
+
+fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Server> {
+    let ops_state = OpsState {
+        registry: state.metrics.registry.clone(),
+        ready: ready_check(&state),
+    };
+    let data = web::Data::from(state.clone());
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8);
+    let server = HttpServer::new(move || {
+        let metrics = data.metrics.clone();
+        actix_web::App::new()
+            .app_data(data.clone())
+            .app_data(web::PayloadConfig::default().limit(MAX_BODY))
+            .app_data(
+                web::PathConfig::default().error_handler(|_, _| ApiError::not_found_task().into()),
+            )
+            .app_data(web::QueryConfig::default().error_handler(|err, _| {
+                ApiError::Field(FieldError::invalid(
+                    "query",
+                    format!("Invalid query string: {err}"),
+                ))
+                .into()
+            }))
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(MAX_BODY)
+                    .error_handler(|err, _| {
+                        ApiError::InvalidJson(format!("Invalid JSON body: {err}")).into()
+                    }),
+            )
+            .wrap(ErrorHandlers::new().default_handler(json_error_safety_net))
+            .wrap_fn(move |req, srv| {
+                let started = std::time::Instant::now();
+                let method = req.method().to_string();
+                let metrics = metrics.clone();
+                srv.call(req).map(move |res| {
+                    if let Ok(res) = &res {
+                        let route = res
+                            .request()
+                            .match_pattern()
+                            .unwrap_or_else(|| "unmatched".to_owned());
+                        metrics
+                            .http_requests
+                            .with_label_values(&[
+                                route.as_str(),
+                                method.as_str(),
+                                res.status().as_str(),
+                            ])
+                            .inc();
+                        metrics
+                            .http_duration
+                            .with_label_values(&[route.as_str(), method.as_str()])
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    res
+                })
+            })
+            .configure(ops::configure(ops_state.clone()))
+            .service(resource("/openapi.json").route(web::get().to(openapi::serve)))
+            .service(resource("/v1/videos/generations/async").route(web::post().to(routes::submit)))
+            .service(
+                resource("/v1/videos/generations/tasks").route(web::get().to(routes::list_tasks)),
+            )
+            .service(
+                resource("/v1/videos/generations/tasks/{task_id}")
+                    .route(web::get().to(routes::get_task)),
+            )
+            .service(
+                resource("/v1/videos/generations/tasks/{task_id}/retry")
+                    .route(web::post().to(routes::retry)),
+            )
+            .service(
+                resource("/v1/videos/generations/tasks/{task_id}/webhooks")
+                    .route(web::get().to(routes::webhook_log)),
+            )
+            .service(
+                resource("/v1/videos/generations/tasks/{task_id}/webhooks/redeliver")
+                    .route(web::post().to(routes::redeliver)),
+            )
+            .service(
+                resource("/v1/videos/generations/{task_id}")
+                    .route(web::delete().to(routes::cancel)),
+            )
+            .service(resource("/v1/webhooks/secret").route(web::get().to(routes::webhook_secret)))
+            .service(resource("/v1/models").route(web::get().to(routes::models)))
+            .service(resource("/v1/videos/files/{task_id}").route(web::get().to(videos::download)))
+            .default_service(web::to(routes::not_found))
+    })
+    .workers(workers)
+    .disable_signals()
+    .shutdown_timeout(20)
+    .listen(listener)
+    .context("starting the HTTP server")?
+    .run();
+    Ok(server)
+}

@@ -1,0 +1,295 @@
+//! The webhook side of the ledger: recording an event (a `webhook_events` row plus the
+//! delivery in the outbox, in the caller's transaction), the delivery log read back
+//! from attempt outcomes, and redelivery of a task's latest terminal webhook.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use conduit_core::{
+    messages::{AttemptOutcome, WebhookDelivery, SCHEMA_VERSION},
+    payload::{WebhookEvent, WebhookPayload},
+    time::now_millis,
+    topology::route,
+    Outgoing,
+};
+use deadpool_postgres::{GenericClient, Pool};
+use uuid::Uuid;
+
+use crate::{auth::Caller, error::ApiError, outbox, tasks::TaskRow};
+
+/// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
+pub fn new_webhook_id() -> String {
+    format!("msg_{}", Uuid::now_v7().simple())
+}
+
+fn delivery_outgoing(d: &WebhookDelivery) -> anyhow::Result<Outgoing> {
+    Ok(Outgoing::json(route::WEBHOOKS, d)?
+        .for_task(d.task_id)
+        .with_message_id(d.webhook_id.clone()))
+}
+
+/// Records one webhook event of `task` and queues its delivery. The caller has checked
+/// that the task subscribes to the event.
+pub async fn record_event(
+    client: &impl GenericClient,
+    task: &TaskRow,
+    secret: &str,
+    payload: &WebhookPayload,
+    occurred_at: DateTime<Utc>,
+) -> Result<String, ApiError> {
+    let url = task
+        .webhook_url
+        .clone()
+        .context("recording a webhook for a task without webhook_url")?;
+    let delivery = WebhookDelivery {
+        v: SCHEMA_VERSION,
+        webhook_id: new_webhook_id(),
+        task_id: task.id,
+        event: payload.event(),
+        url,
+        headers: task.webhook_headers.clone(),
+        secret: secret.to_owned(),
+        body: payload.to_body(),
+        occurred_at,
+        attempts_made: 0,
+        not_before: None,
+    };
+    let stmt = client
+        .prepare_cached(
+            "INSERT INTO webhook_events (webhook_id, task_id, attempt, event, status, body, url,
+                 headers, occurred_at, next_attempt_at)
+             VALUES ($1, $2, $3, $4, 'pending', $5, $6, $7, $8, $8)",
+        )
+        .await
+        .context("preparing webhook event insert")?;
+    let headers = serde_json::to_value(&delivery.headers).context("encoding webhook headers")?;
+    client
+        .execute(
+            &stmt,
+            &[
+                &delivery.webhook_id,
+                &task.id,
+                &task.attempt,
+                &delivery.event.as_str(),
+                &delivery.body,
+                &delivery.url,
+                &headers,
+                &occurred_at,
+            ],
+        )
+        .await
+        .context("recording the webhook event")?;
+    outbox::enqueue(client, &delivery_outgoing(&delivery)?).await?;
+    Ok(delivery.webhook_id)
+}
+
+/// One attempt in the delivery log.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct AttemptView {
+    pub attempt: i32,
+    /// RFC 3339, UTC, milliseconds.
+    pub attempted_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub duration_ms: i64,
+}
+
+/// One event in the delivery log.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct WebhookLogEntry {
+    pub webhook_id: String,
+    /// `video_generation_completed` or `video_generation_progress`.
+    pub webhook_type: String,
+    /// `progress`, `completed`, `failed` or `cancelled`.
+    pub event: String,
+    /// `pending`, `delivered`, `failed` or `dropped`.
+    pub status: String,
+    /// When the next attempt is due, while pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    /// When the event happened (the payload's `timestamp`).
+    pub occurred_at: String,
+    pub url: String,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct WebhookLog {
+    pub data: Vec<WebhookLogEntry>,
+}
+
+fn fmt(at: &DateTime<Utc>) -> String {
+    conduit_core::time::format_millis(at)
+}
+
+/// The delivery log of a task the caller owns (`None` when it does not).
+pub async fn delivery_log(
+    pool: &Pool,
+    caller: &Caller,
+    task_id: Uuid,
+) -> Result<Option<WebhookLog>, ApiError> {
+    let client = pool.get().await?;
+    if crate::tasks::get(&client, caller.key_id, task_id)
+        .await?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let events = client
+        .query(
+            "SELECT webhook_id, event, status, next_attempt_at, occurred_at, url
+             FROM webhook_events WHERE task_id = $1 ORDER BY created_at, webhook_id",
+            &[&task_id],
+        )
+        .await
+        .context("reading webhook events")?;
+    let ids: Vec<String> = events.iter().map(|r| r.get(0)).collect();
+    let attempts = client
+        .query(
+            "SELECT webhook_id, attempt, attempted_at, status_code, error, duration_ms
+             FROM webhook_attempts WHERE webhook_id = ANY($1) ORDER BY attempted_at, attempt",
+            &[&ids],
+        )
+        .await
+        .context("reading webhook attempts")?;
+    let mut by_id: HashMap<String, Vec<AttemptView>> = HashMap::new();
+    for a in &attempts {
+        by_id.entry(a.get(0)).or_default().push(AttemptView {
+            attempt: a.get(1),
+            attempted_at: fmt(&a.get(2)),
+            status_code: a.get(3),
+            error: a.get(4),
+            duration_ms: a.get(5),
+        });
+    }
+    let data = events
+        .iter()
+        .map(|r| {
+            let id: String = r.get(0);
+            let event: String = r.get(1);
+            let status: String = r.get(2);
+            let next: Option<DateTime<Utc>> = r.get(3);
+            WebhookLogEntry {
+                webhook_type: WebhookEvent::parse(&event)
+                    .map(|e| e.webhook_type().to_owned())
+                    .unwrap_or_default(),
+                next_attempt_at: next.filter(|_| status == "pending").map(|t| fmt(&t)),
+                occurred_at: fmt(&r.get(4)),
+                url: r.get(5),
+                attempts: by_id.remove(&id).unwrap_or_default(),
+                webhook_id: id,
+                event,
+                status,
+            }
+        })
+        .collect();
+    Ok(Some(WebhookLog { data }))
+}
+
+/// What a redelivery queued.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Redelivery {
+    pub webhook_id: String,
+    pub event: String,
+    pub status: String,
+}
+
+/// Sends the task's latest terminal webhook again: same `webhook-id`, fresh schedule.
+pub async fn redeliver(
+    pool: &Pool,
+    caller: &Caller,
+    task_id: Uuid,
+) -> Result<Redelivery, ApiError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await.context("starting redelivery")?;
+    if crate::tasks::get(&tx, caller.key_id, task_id)
+        .await?
+        .is_none()
+    {
+        return Err(ApiError::not_found_task());
+    }
+    let row = tx
+        .query_opt(
+            "SELECT webhook_id, event, body, url, headers, occurred_at FROM webhook_events
+             WHERE task_id = $1 AND event IN ('completed', 'failed', 'cancelled')
+             ORDER BY created_at DESC, webhook_id DESC LIMIT 1 FOR UPDATE",
+            &[&task_id],
+        )
+        .await
+        .context("finding the latest terminal webhook")?
+        .ok_or_else(|| {
+            ApiError::InvalidOperation("The task has no terminal webhook to redeliver".into())
+        })?;
+    let event_name: String = row.get(1);
+    let event = WebhookEvent::parse(&event_name)
+        .with_context(|| format!("unknown webhook event {event_name:?} in the database"))?;
+    let headers: serde_json::Value = row.get(4);
+    let delivery = WebhookDelivery {
+        v: SCHEMA_VERSION,
+        webhook_id: row.get(0),
+        task_id,
+        event,
+        url: row.get(3),
+        headers: serde_json::from_value::<BTreeMap<String, String>>(headers).unwrap_or_default(),
+        secret: caller.webhook_secret.clone(),
+        body: row.get(2),
+        occurred_at: row.get(5),
+        attempts_made: 0,
+        not_before: None,
+    };
+    tx.execute(
+        "UPDATE webhook_events SET status = 'pending', next_attempt_at = $2 WHERE webhook_id = $1",
+        &[&delivery.webhook_id, &now_millis()],
+    )
+    .await
+    .context("resetting the webhook for redelivery")?;
+    outbox::enqueue(&tx, &delivery_outgoing(&delivery)?).await?;
+    tx.commit().await.context("committing redelivery")?;
+    Ok(Redelivery {
+        webhook_id: delivery.webhook_id,
+        event: event_name,
+        status: "pending".into(),
+    })
+}
+
+/// Records one attempt outcome. Idempotent: a duplicate outcome changes nothing, and an
+/// outcome older than the one already applied never overwrites the event's state.
+pub async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> anyhow::Result<bool> {
+    let client = pool.get().await.context("connecting to the database")?;
+    let stmt = client
+        .prepare_cached(
+            "WITH attempt AS (
+                 INSERT INTO webhook_attempts (webhook_id, attempt, attempted_at, status_code, error, duration_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT DO NOTHING
+                 RETURNING 1)
+             UPDATE webhook_events SET status = $7, next_attempt_at = $8, last_attempt_at = $3
+             WHERE webhook_id = $1 AND EXISTS (SELECT 1 FROM attempt)
+               AND (last_attempt_at IS NULL OR last_attempt_at <= $3)",
+        )
+        .await
+        .context("preparing outcome insert")?;
+    let attempt = i32::try_from(outcome.attempt).unwrap_or(i32::MAX);
+    let status_code = outcome.status_code.map(i32::from);
+    let duration = i64::try_from(outcome.duration_ms).unwrap_or(i64::MAX);
+    let n = client
+        .execute(
+            &stmt,
+            &[
+                &outcome.webhook_id,
+                &attempt,
+                &outcome.attempted_at,
+                &status_code,
+                &outcome.error,
+                &duration,
+                &outcome.state.as_str(),
+                &outcome.next_attempt_at,
+            ],
+        )
+        .await
+        .context("recording the attempt outcome")?;
+    Ok(n > 0)
+}
