@@ -1,0 +1,179 @@
+//! A valid submit: 202 with the contract's body and a Location, the task readable at
+//! once, and its job on the jobs queue carrying every parameter.
+
+use std::time::Duration;
+
+use conduit_core::{messages::StatusKind, topology::route, Source};
+use serde_json::json;
+
+use crate::helpers::{body, TestApp};
+
+#[tokio::test]
+async fn submit_answers_202_with_location_and_records_the_task() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .http
+        .post(app.url("/v1/videos/generations/async"))
+        .bearer_auth(&app.key)
+        .json(&json!({
+            "model": "local-video",
+            "prompt": "A serene mountain landscape with clouds",
+            "duration": 2,
+            "size": "320x180",
+            "fps": 12,
+            "seed": 7,
+            "webhook_url": "https://example.com/webhooks/video-complete",
+            "webhook_headers": {"Authorization": "Bearer your-webhook-secret"},
+            "webhook_events": ["completed", "failed"],
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    let json: serde_json::Value = r.json().await.unwrap();
+    let id = json["task_id"].as_str().unwrap();
+    uuid::Uuid::parse_str(id).unwrap();
+    assert_eq!(json["status"], "pending");
+    assert_eq!(
+        json["check_status_url"],
+        format!("/v1/videos/generations/tasks/{id}")
+    );
+    assert_eq!(location, format!("/v1/videos/generations/tasks/{id}"));
+    for k in ["created_at", "estimated_completion_time"] {
+        let t = json[k].as_str().unwrap();
+        assert!(t.ends_with('Z') && t.len() == 24, "{k} = {t}");
+    }
+    let task = app.get(&location).await.1;
+    assert_eq!(task["task_id"], id);
+    assert_eq!(task["status"], "pending");
+    assert_eq!(task["progress"], 0);
+    assert_eq!(task["model"], "local-video");
+    assert_eq!(task["duration"], 2);
+    assert_eq!(task["size"], "320x180");
+    assert_eq!(task["fps"], 12);
+    for absent in [
+        "completed_at",
+        "video_url",
+        "error",
+        "estimated_seconds_remaining",
+    ] {
+        assert!(
+            task.get(absent).is_none(),
+            "{absent} must be left out: {task}"
+        );
+    }
+    assert!(task.as_object().unwrap().values().all(|v| !v.is_null()));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn defaults_fill_in_and_the_job_carries_them() {
+    let app = TestApp::spawn().await;
+    let mut jobs = app.collect(Source::Queue(route::JOBS.into()));
+    let id = app.submit_ok(&body()).await;
+    let job = jobs.next().await;
+    assert_eq!(job["task_id"], id.to_string());
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["model"], "local-video");
+    assert_eq!(job["provider"], "local");
+    assert_eq!(job["spec"]["duration_seconds"], 6);
+    assert_eq!(job["spec"]["width"], 1280);
+    assert_eq!(job["spec"]["height"], 720);
+    assert_eq!(job["spec"]["fps"], 24);
+    let task = app.task(id).await;
+    assert_eq!(task["size"], "1280x720");
+    assert_eq!(
+        app.count("SELECT count(*) FROM outbox").await,
+        0,
+        "the relay emptied the outbox"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_stays_pending_without_a_generator_and_runs_once_one_starts() {
+    let app = TestApp::spawn().await;
+    let id = app.submit_ok(&body()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.task(id).await["status"], "pending");
+    let depth = app.broker.queue_depth(route::JOBS).await.unwrap();
+    assert_eq!(depth, 1, "the job waits in the jobs queue");
+
+    // A generator starts: it takes the job and reports on it.
+    let mut jobs = app.collect(Source::Queue(route::JOBS.into()));
+    let job = jobs.next().await;
+    assert_eq!(job["task_id"], id.to_string());
+    app.status_event(
+        id,
+        1,
+        1,
+        StatusKind::Processing {
+            message: "Starting".into(),
+        },
+    )
+    .await;
+    app.wait_status(id, "processing").await;
+    app.status_event(
+        id,
+        1,
+        2,
+        StatusKind::Completed {
+            video_key: conduit_core::storage::video_key(id, 1),
+            generation_duration_seconds: 1.5,
+        },
+    )
+    .await;
+    let task = app.wait_status(id, "completed").await;
+    assert_eq!(task["progress"], 100);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn models_lists_every_configured_model_and_its_availability() {
+    let app = TestApp::spawn().await;
+    let (status, json) = app.get("/v1/models").await;
+    assert_eq!(status, 200);
+    let data = json["data"].as_array().unwrap();
+    let local = data.iter().find(|m| m["id"] == "local-video").unwrap();
+    assert_eq!(local["available"], true);
+    assert_eq!(local["provider"], "local");
+    let minimax = data.iter().find(|m| m["id"] == "minimax-video").unwrap();
+    assert_eq!(minimax["available"], false);
+    assert_eq!(
+        minimax["missing_setting"],
+        "CONDUIT__PROVIDERS__MINIMAX__API_KEY"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn operator_endpoints_answer() {
+    let app = TestApp::spawn().await;
+    let _ = app.submit_ok(&body()).await;
+    assert_eq!(
+        app.request(reqwest::Method::GET, "/healthz", None).await.0,
+        200
+    );
+    crate::helpers::eventually("readyz", crate::helpers::TIMEOUT, || async {
+        (app.request(reqwest::Method::GET, "/readyz", None).await.0 == 200).then_some(())
+    })
+    .await;
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "conduit_api_http_requests_total",
+        "conduit_api_tasks_submitted_total",
+        "conduit_api_outbox_published_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    app.stop().await;
+}
