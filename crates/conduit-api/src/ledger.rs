@@ -1,9 +1,14 @@
 //! The task ledger: the only writer of a task's state after submit. It applies the
 //! generators' status events as a state machine, one transaction per event, and in the
 //! same transaction records the webhook events they cause. An event counts only for the
-//! task's current attempt, with a sequence number above the last one applied, and never
-//! after a terminal state; everything else is a duplicate or stale and is dropped. That
-//! is what gives every task exactly one terminal state and no progress after it.
+//! task's current attempt and never after a terminal state; a non-terminal event must
+//! also carry a sequence number above the last one applied. Everything else is a
+//! duplicate or stale and is dropped. That is what gives every task exactly one terminal
+//! state and no progress after it.
+//!
+//! A terminal event skips the sequence check on purpose: a generator that takes over a
+//! job from a lost one may number its events from the start again, and its outcome must
+//! still count. The first terminal event of an attempt wins; any later one is dropped.
 //!
 //! The same module records the webhook senders' attempt outcomes into the delivery log.
 
@@ -61,7 +66,7 @@ pub fn judge(
     if status.is_terminal() {
         return Err(Drop::AfterTerminal);
     }
-    if i64::try_from(event.seq).unwrap_or(i64::MAX) <= last_seq {
+    if !event.kind.is_terminal() && i64::try_from(event.seq).unwrap_or(i64::MAX) <= last_seq {
         return Err(Drop::Duplicate);
     }
     Ok(())
@@ -104,14 +109,19 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
     if let Err(drop) = judge(task.status, task.attempt, task.last_seq, event) {
         return Ok(Applied::Dropped(drop));
     }
-    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+    let seq = i64::try_from(event.seq)
+        .unwrap_or(i64::MAX)
+        .max(task.last_seq);
     let at = event.at;
+    // `updated_at` is this process's clock; the event's own time (`at`) is what the
+    // webhook payloads and `completed_at` report.
+    let now = conduit_core::time::now_millis();
     let payload = match &event.kind {
         StatusKind::Processing { message } => {
             tx.execute(
                 "UPDATE tasks SET status = 'processing', message = $2, last_seq = $3, updated_at = $4
                  WHERE id = $1",
-                &[&task.id, message, &seq, &at],
+                &[&task.id, message, &seq, &now],
             )
             .await
             .context("marking the task processing")?;
@@ -128,7 +138,7 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
                 "UPDATE tasks SET status = 'processing', progress = $2, message = $3, eta_seconds = $4,
                      last_seq = $5, updated_at = $6
                  WHERE id = $1",
-                &[&task.id, &i16::from(percent), message, &eta, &seq, &at],
+                &[&task.id, &i16::from(percent), message, &eta, &seq, &now],
             )
             .await
             .context("recording progress")?;
@@ -149,9 +159,16 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
             tx.execute(
                 "UPDATE tasks SET status = 'completed', progress = 100, eta_seconds = NULL,
                      video_key = $2, generation_duration_seconds = $3, completed_at = $4,
-                     last_seq = $5, updated_at = $4
+                     last_seq = $5, updated_at = $6
                  WHERE id = $1",
-                &[&task.id, video_key, generation_duration_seconds, &at, &seq],
+                &[
+                    &task.id,
+                    video_key,
+                    generation_duration_seconds,
+                    &at,
+                    &seq,
+                    &now,
+                ],
             )
             .await
             .context("completing the task")?;
@@ -175,9 +192,9 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
         StatusKind::Failed { error } => {
             tx.execute(
                 "UPDATE tasks SET status = 'failed', eta_seconds = NULL, error = $2, completed_at = $3,
-                     last_seq = $4, updated_at = $3
+                     last_seq = $4, updated_at = $5
                  WHERE id = $1",
-                &[&task.id, error, &at, &seq],
+                &[&task.id, error, &at, &seq, &now],
             )
             .await
             .context("failing the task")?;
@@ -408,6 +425,23 @@ mod tests {
         assert_eq!(
             judge(TaskStatus::Processing, 1, 3, &event(1, 2)),
             Err(Drop::Duplicate)
+        );
+    }
+
+    #[test]
+    fn a_terminal_event_counts_whatever_its_sequence() {
+        let mut done = event(1, 1);
+        done.kind = StatusKind::Failed {
+            error: "lost".into(),
+        };
+        assert_eq!(judge(TaskStatus::Processing, 1, 7, &done), Ok(()));
+        assert_eq!(
+            judge(TaskStatus::Failed, 1, 7, &done),
+            Err(Drop::AfterTerminal)
+        );
+        assert_eq!(
+            judge(TaskStatus::Processing, 2, 7, &done),
+            Err(Drop::OtherAttempt)
         );
     }
 

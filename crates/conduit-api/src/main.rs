@@ -24,6 +24,8 @@ enum Command {
     Serve,
     /// Create the database if needed, apply migrations, and exit.
     Migrate,
+    /// Print the OpenAPI 3.1 description (what `GET /openapi.json` serves) and exit.
+    Openapi,
     /// Manage API keys.
     Keys {
         #[command(subcommand)]
@@ -76,6 +78,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pool = db::connect_and_migrate(&settings.database).await?;
             pool.close();
             eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", conduit_api::openapi::document());
             Ok(())
         }
         Command::Keys { action } => {

@@ -24,7 +24,7 @@ use crate::{
     auth::KeyCache,
     db,
     domain::ModelCatalog,
-    error::{json_error_safety_net, ApiError, FieldError},
+    error::{is_unavailable, json_error_safety_net, ApiError, FieldError},
     ledger,
     metrics::Metrics,
     openapi,
@@ -34,8 +34,10 @@ use crate::{
     videos::{self, VideoLinks, SIGNING_KEY_SETTING},
 };
 
+/// How long start-up waits for PostgreSQL to become reachable.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(30);
 /// How long background workers get to finish after the HTTP server stopped.
-const WORKER_GRACE: Duration = Duration::from_secs(22);
+const WORKER_GRACE: Duration = Duration::from_secs(20);
 
 /// A built API process, bound to its port and ready to run.
 pub struct App {
@@ -53,7 +55,7 @@ impl App {
     /// background and binds `http.bind` (port 0 picks a free port).
     pub async fn build(settings: Settings) -> anyhow::Result<App> {
         let metrics = Metrics::new().context("registering metrics")?;
-        let pool = db::connect_and_migrate(&settings.database).await?;
+        let pool = connect_with_patience(&settings).await?;
         let signing_key = match &settings.storage.signing_key {
             Some(key) => key.expose().as_bytes().to_vec(),
             None => {
@@ -142,6 +144,24 @@ impl App {
         state.pool.close();
         info!("stopped");
         result
+    }
+}
+
+/// Connects and migrates, waiting out a database that is still starting (a stack whose
+/// services come up together) for up to [`STARTUP_PATIENCE`].
+async fn connect_with_patience(settings: &Settings) -> anyhow::Result<deadpool_postgres::Pool> {
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match db::connect_and_migrate(&settings.database).await {
+            Ok(pool) => return Ok(pool),
+            Err(err) if is_unavailable(&err) && started.elapsed() < STARTUP_PATIENCE => {
+                warn!(error = %format!("{err:#}"), "PostgreSQL not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(3));
+            }
+            Err(err) => return Err(err),
+        }
     }
 }
 
@@ -281,12 +301,16 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
             )
             .service(resource("/v1/webhooks/secret").route(web::get().to(routes::webhook_secret)))
             .service(resource("/v1/models").route(web::get().to(routes::models)))
-            .service(resource("/v1/videos/files/{task_id}").route(web::get().to(videos::download)))
+            .service(
+                resource("/v1/videos/files/{task_id}")
+                    .route(web::get().to(videos::download))
+                    .route(web::head().to(videos::download)),
+            )
             .default_service(web::to(routes::not_found))
     })
     .workers(workers)
     .disable_signals()
-    .shutdown_timeout(20)
+    .shutdown_timeout(8)
     .listen(listener)
     .context("starting the HTTP server")?
     .run();

@@ -376,3 +376,56 @@ async fn a_cancelled_task_can_be_retried() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_taken_over_job_completes_even_when_its_sequence_starts_again() {
+    let app = TestApp::spawn().await;
+    let id = app.submit_ok(&body()).await;
+    feed(
+        &app,
+        id,
+        1,
+        1,
+        StatusKind::Processing {
+            message: "first worker".into(),
+        },
+        0.0,
+    )
+    .await;
+    feed(&app, id, 1, 5, progress(50), 1.0).await;
+    // The first generator is lost; another takes the job over and numbers from 1 again.
+    feed(
+        &app,
+        id,
+        1,
+        1,
+        StatusKind::Processing {
+            message: "second worker".into(),
+        },
+        2.0,
+    )
+    .await;
+    assert_eq!(
+        app.task(id).await["progress"],
+        50,
+        "a restarted sequence's progress is stale"
+    );
+    feed(&app, id, 1, 2, completed(id, 1), 3.0).await;
+    app.wait_status(id, "completed").await;
+    // A duplicate terminal event (the first generator was only slow) changes nothing.
+    feed(
+        &app,
+        id,
+        1,
+        9,
+        StatusKind::Failed {
+            error: "late".into(),
+        },
+        4.0,
+    )
+    .await;
+    let t = app.task(id).await;
+    assert_eq!(t["status"], "completed");
+    assert!(t.get("error").is_none());
+    app.stop().await;
+}

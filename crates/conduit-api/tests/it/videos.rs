@@ -67,6 +67,10 @@ async fn videos_download_whole_and_by_range_without_a_key() {
     assert_eq!(whole.headers()["content-type"], "video/mp4");
     assert_eq!(whole.headers()["accept-ranges"], "bytes");
     assert_eq!(&whole.bytes().await.unwrap()[..], content);
+    let head = app.http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], content.len().to_string());
+    assert!(head.bytes().await.unwrap().is_empty());
 
     for (range, first, last) in [
         ("bytes=0-7", 0, 7),
