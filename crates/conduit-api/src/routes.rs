@@ -31,7 +31,8 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 /// The submit body, for the OpenAPI description (the handler parses a
 /// `serde_json::Value` itself, to name the exact field that is wrong).
 #[allow(dead_code)]
-#[derive(ToSchema)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 #[schema(example = json!({"model": "local-video", "prompt": "A serene mountain landscape with clouds", "duration": 6, "size": "1280x720", "webhook_url": "https://your-app.com/webhooks/video-complete", "webhook_headers": {"Authorization": "Bearer your-webhook-secret"}}))]
 pub struct GenerationBody {
     /// One of `GET /v1/models`.

@@ -8,6 +8,7 @@ mod helpers;
 
 mod auth;
 mod cancel;
+mod cli;
 mod errors;
 mod idempotency;
 mod ledger;
