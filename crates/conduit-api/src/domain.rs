@@ -120,6 +120,13 @@ impl Prompt {
         if raw.trim().is_empty() {
             return Err(FieldError::invalid("prompt", "prompt must not be empty"));
         }
+        // PostgreSQL text cannot hold NUL, and no prompt needs one.
+        if raw.contains('\0') {
+            return Err(FieldError::invalid(
+                "prompt",
+                "prompt must not contain NUL characters",
+            ));
+        }
         if chars > MAX_PROMPT_CHARS {
             return Err(FieldError::invalid(
                 "prompt",
@@ -597,6 +604,7 @@ mod tests {
             ("size", json!("+128x128")),
             ("prompt", json!("")),
             ("prompt", json!("x".repeat(4001))),
+            ("prompt", json!("a\u{0}b")),
         ] {
             let e = refused(with(field, value.clone()));
             assert_eq!(

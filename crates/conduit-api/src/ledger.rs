@@ -79,8 +79,41 @@ pub enum Applied {
     Dropped(Drop),
 }
 
+/// Text from another service, made storable: PostgreSQL text cannot hold NUL, and an
+/// event that can never be stored would otherwise come back forever.
+fn storable(text: &str) -> String {
+    text.replace('\0', "")
+}
+
 /// Applies one status event in one transaction.
 pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Applied> {
+    let event = &StatusEvent {
+        kind: match &event.kind {
+            StatusKind::Processing { message } => StatusKind::Processing {
+                message: storable(message),
+            },
+            StatusKind::Progress {
+                percent,
+                message,
+                eta_seconds,
+            } => StatusKind::Progress {
+                percent: *percent,
+                message: storable(message),
+                eta_seconds: *eta_seconds,
+            },
+            StatusKind::Completed {
+                video_key,
+                generation_duration_seconds,
+            } => StatusKind::Completed {
+                video_key: storable(video_key),
+                generation_duration_seconds: *generation_duration_seconds,
+            },
+            StatusKind::Failed { error } => StatusKind::Failed {
+                error: storable(error),
+            },
+        },
+        ..event.clone()
+    };
     let mut client = state
         .pool
         .get()

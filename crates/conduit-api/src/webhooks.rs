@@ -275,6 +275,8 @@ pub async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> anyhow::Re
     let attempt = i32::try_from(outcome.attempt).unwrap_or(i32::MAX);
     let status_code = outcome.status_code.map(i32::from);
     let duration = i64::try_from(outcome.duration_ms).unwrap_or(i64::MAX);
+    // PostgreSQL text cannot hold NUL; a receiver's error text might.
+    let error = outcome.error.as_deref().map(|e| e.replace('\0', ""));
     let n = client
         .execute(
             &stmt,
@@ -283,7 +285,7 @@ pub async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> anyhow::Re
                 &attempt,
                 &outcome.attempted_at,
                 &status_code,
-                &outcome.error,
+                &error,
                 &duration,
                 &outcome.state.as_str(),
                 &outcome.next_attempt_at,

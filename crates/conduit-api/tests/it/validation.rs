@@ -90,6 +90,7 @@ rule!(
         with("prompt", json!("")),
         with("prompt", json!("   ")),
         with("prompt", json!("x".repeat(4001))),
+        with("prompt", json!("nul \u{0} inside")),
         with("prompt", json!(["a"])),
     ]
 );
