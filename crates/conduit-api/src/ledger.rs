@@ -377,8 +377,10 @@ async fn on_outcome(
     .await
 }
 
+/// Each consumer may hold a quarter of the pool, so a burst of events never starves the
+/// HTTP handlers of connections.
 fn limits(state: &AppState) -> ConsumeLimits {
-    let concurrency = (state.settings.database.pool_size / 2).max(1);
+    let concurrency = (state.settings.database.pool_size / 4).max(1);
     ConsumeLimits {
         prefetch: state
             .settings

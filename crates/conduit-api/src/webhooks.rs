@@ -141,7 +141,7 @@ pub async fn delivery_log(
     let events = client
         .query(
             "SELECT webhook_id, event, status, next_attempt_at, occurred_at, url
-             FROM webhook_events WHERE task_id = $1 ORDER BY created_at, webhook_id",
+             FROM webhook_events WHERE task_id = $1 ORDER BY occurred_at, created_at, webhook_id",
             &[&task_id],
         )
         .await
@@ -215,7 +215,7 @@ pub async fn redeliver(
         .query_opt(
             "SELECT webhook_id, event, body, url, headers, occurred_at FROM webhook_events
              WHERE task_id = $1 AND event IN ('completed', 'failed', 'cancelled')
-             ORDER BY created_at DESC, webhook_id DESC LIMIT 1 FOR UPDATE",
+             ORDER BY attempt DESC, occurred_at DESC, created_at DESC LIMIT 1 FOR UPDATE",
             &[&task_id],
         )
         .await
