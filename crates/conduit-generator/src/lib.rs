@@ -2,6 +2,148 @@
 //! queue with bounded concurrency, runs each job's provider (the built-in local renderer
 //! or a remote video API), stores the finished video and publishes the task's status
 //! events (processing, progress, completed or failed). It also listens on the control
-//! fanout for cancellations and stops the work they name.
+//! fanout for cancellations and stops the work they name. It never talks to PostgreSQL:
+//! the API's ledger is the only writer of task state.
 
+mod cancels;
+pub mod metrics;
+pub mod providers;
 pub mod render;
+mod throttle;
+mod worker;
+
+use std::sync::Arc;
+
+use actix_web::dev::{Server, ServerHandle};
+use anyhow::Context;
+use conduit_core::{
+    ops::{self, OpsState, ReadyCheck},
+    storage::VideoStore,
+    topology::route,
+    Broker, ConsumeLimits, Disposition, Service, Settings, Source,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use providers::Providers;
+use worker::Worker;
+
+/// A built generator: broker connection started, ops server bound, not yet consuming.
+pub struct App {
+    worker: Worker,
+    server: Server,
+    port: u16,
+    concurrency: usize,
+    /// Closes the broker connection once the consumers have drained.
+    broker_stop: CancellationToken,
+}
+
+impl App {
+    /// Builds the generator with the providers its settings allow.
+    pub async fn build(settings: Settings) -> anyhow::Result<App> {
+        let providers = Providers::from_settings(&settings);
+        Self::build_with_providers(settings, providers).await
+    }
+
+    /// Builds the generator with an explicit set of providers.
+    pub async fn build_with_providers(
+        settings: Settings,
+        providers: Providers,
+    ) -> anyhow::Result<App> {
+        let metrics = metrics::Metrics::new().context("creating metrics")?;
+        let store = VideoStore::from_url(&settings.storage.url).context("opening video storage")?;
+        let broker_stop = CancellationToken::new();
+        let broker = Broker::start(
+            &settings.amqp,
+            Service::Generator.name(),
+            broker_stop.clone(),
+        );
+        let ready_broker = broker.clone();
+        let state = OpsState {
+            registry: metrics.registry.clone(),
+            ready: ReadyCheck::new(move || {
+                let broker = ready_broker.clone();
+                async move { broker.is_ready() }
+            }),
+        };
+        let (server, port) = ops::serve(&settings.http.bind, state, Service::Generator.name())?;
+        let worker = Worker {
+            broker,
+            store,
+            providers,
+            cancels: cancels::CancelRegistry::default(),
+            metrics,
+            task_timeout: settings.task_timeout(),
+            max_attempts: settings.generator.max_attempts,
+        };
+        Ok(App {
+            worker,
+            server,
+            port,
+            concurrency: settings.generator.concurrency,
+            broker_stop,
+        })
+    }
+
+    /// Port of the health and metrics server.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Consumes jobs and cancels until `shutdown` fires, then hands back unfinished
+    /// jobs, closes the broker connection and stops the ops server.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let server_handle: ServerHandle = self.server.handle();
+        let server = tokio::spawn(self.server);
+        let worker = Arc::new(self.worker);
+        let prefetch = u16::try_from(self.concurrency).unwrap_or(u16::MAX);
+        let limits = ConsumeLimits {
+            prefetch,
+            concurrency: self.concurrency,
+        };
+
+        let broker = worker.broker.clone();
+        let control = {
+            let worker = worker.clone();
+            broker.consume(
+                Source::Control,
+                ConsumeLimits {
+                    prefetch: 256,
+                    concurrency: 64,
+                },
+                shutdown.clone(),
+                move |incoming, _| {
+                    worker.handle_control(&incoming);
+                    async { Disposition::Ack }
+                },
+            )
+        };
+        let jobs = {
+            let worker = worker.clone();
+            let handler_worker = worker.clone();
+            async move {
+                worker
+                    .broker
+                    .consume(
+                        Source::Queue(route::JOBS.into()),
+                        limits,
+                        shutdown.clone(),
+                        move |incoming, token| {
+                            let worker = handler_worker.clone();
+                            async move { worker.handle_job(incoming, token).await }
+                        },
+                    )
+                    .await
+            }
+        };
+        info!(concurrency = self.concurrency, "generator consuming jobs");
+        let (control, jobs) = tokio::join!(control, jobs);
+        self.broker_stop.cancel();
+        server_handle.stop(true).await;
+        let _ = server.await;
+        control.context("control consumer")?;
+        jobs.context("job consumer")?;
+        info!("generator stopped");
+        Ok(())
+    }
+}

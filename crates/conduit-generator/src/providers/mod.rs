@@ -1,0 +1,173 @@
+//! The providers that turn a job into a video. `local` is the built-in renderer; remote
+//! adapters (MiniMax, OpenAI-compatible, Replicate) implement the same trait: they
+//! submit, poll, report progress through the context and download the finished file.
+//! A model maps to its provider through `settings.models[model].provider`, resolved by
+//! the API at submit time and carried in the job.
+
+mod local;
+
+use std::{collections::HashMap, sync::Arc};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use conduit_core::{messages::JobMessage, Settings};
+use tokio_util::sync::CancellationToken;
+
+pub use local::LocalProvider;
+
+/// One progress report of a running generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressUpdate {
+    /// 0 to 100.
+    pub percent: u8,
+    pub message: String,
+    pub eta_seconds: Option<u64>,
+}
+
+/// Where a provider reports progress. Reporting never blocks and never fails: the worker
+/// keeps only the latest report and decides when to publish it.
+#[derive(Clone)]
+pub struct ProgressReporter(Arc<dyn Fn(ProgressUpdate) + Send + Sync>);
+
+impl ProgressReporter {
+    pub fn new(report: impl Fn(ProgressUpdate) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(report))
+    }
+
+    /// A reporter that drops every report (tools, tests).
+    pub fn ignore() -> Self {
+        Self::new(|_| {})
+    }
+
+    pub fn report(&self, update: ProgressUpdate) {
+        (self.0)(update);
+    }
+}
+
+/// What a provider gets besides the job.
+#[derive(Clone)]
+pub struct GenerationContext {
+    pub progress: ProgressReporter,
+    /// Fires when the task is cancelled, timed out or the process shuts down; the
+    /// provider stops as soon as it can (the worker also stops waiting for it).
+    pub cancel: CancellationToken,
+}
+
+/// A finished video, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct GeneratedVideo {
+    /// The MP4 file.
+    pub bytes: Bytes,
+    /// Frames rendered locally, for the render-speed metric (`None` for remote providers).
+    pub frames_rendered: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerationError {
+    /// The work stopped because its cancel token fired.
+    #[error("generation was cancelled")]
+    Cancelled,
+    /// A clear, user-facing reason; it becomes the task's `error`.
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[async_trait]
+pub trait Provider: Send + Sync {
+    async fn generate(
+        &self,
+        job: &JobMessage,
+        ctx: GenerationContext,
+    ) -> Result<GeneratedVideo, GenerationError>;
+}
+
+/// The providers this generator can run, by name (`local`, `minimax`, ...).
+#[derive(Clone, Default)]
+pub struct Providers {
+    by_name: HashMap<String, Arc<dyn Provider>>,
+    /// Model → provider name, for jobs that do not name their provider.
+    models: HashMap<String, String>,
+}
+
+impl Providers {
+    /// The providers the settings allow: always `local`; remote ones once configured.
+    pub fn from_settings(settings: &Settings) -> Self {
+        let models = settings
+            .models
+            .iter()
+            .map(|(model, m)| (model.clone(), m.provider.clone()))
+            .collect();
+        Self {
+            by_name: HashMap::new(),
+            models,
+        }
+        .with("local", Arc::new(LocalProvider))
+    }
+
+    /// Adds (or replaces) the provider called `name`.
+    pub fn with(mut self, name: &str, provider: Arc<dyn Provider>) -> Self {
+        self.by_name.insert(name.to_owned(), provider);
+        self
+    }
+
+    /// The provider of `job`, or the user-facing reason it cannot run here.
+    pub fn resolve(&self, job: &JobMessage) -> Result<Arc<dyn Provider>, String> {
+        let name = if job.provider.is_empty() {
+            self.models.get(&job.model).cloned().ok_or_else(|| {
+                format!("Model '{}' is not configured in the generator", job.model)
+            })?
+        } else {
+            job.provider.clone()
+        };
+        self.by_name.get(&name).cloned().ok_or_else(|| {
+            format!(
+                "Model '{}' needs provider '{name}', which is not configured in the generator",
+                job.model
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(model: &str, provider: &str) -> JobMessage {
+        JobMessage {
+            v: 1,
+            task_id: uuid::Uuid::nil(),
+            attempt: 1,
+            model: model.into(),
+            provider: provider.into(),
+            upstream_model: None,
+            prompt: "p".into(),
+            spec: conduit_core::messages::RenderSpec {
+                duration_seconds: 1,
+                width: 64,
+                height: 64,
+                fps: 1,
+                seed: None,
+            },
+            submitted_at: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn resolves_by_provider_or_model_and_explains_what_is_missing() {
+        let settings =
+            Settings::load(conduit_core::Service::Generator, None).expect("default settings");
+        let providers = Providers::from_settings(&settings);
+        assert!(providers.resolve(&job("local-video", "local")).is_ok());
+        assert!(providers.resolve(&job("local-video", "")).is_ok());
+        let err = providers
+            .resolve(&job("minimax-video", "minimax"))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("minimax"), "{err}");
+        let err = providers
+            .resolve(&job("nope", ""))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("nope"), "{err}");
+    }
+}
