@@ -382,6 +382,38 @@ mod tests {
         assert_eq!(json["error"]["code"], "unauthorized");
     }
 
+    #[actix_web::test]
+    async fn plain_error_responses_are_rewritten_to_json() {
+        use actix_web::{middleware::ErrorHandlers, test, web, App};
+        let app = test::init_service(
+            App::new()
+                .wrap(ErrorHandlers::new().default_handler(json_error_safety_net))
+                .route(
+                    "/plain",
+                    web::get().to(|| async { HttpResponse::BadRequest().body("nope") }),
+                )
+                .route(
+                    "/json",
+                    web::get().to(|| async { Err::<HttpResponse, _>(ApiError::Unauthorized) }),
+                ),
+        )
+        .await;
+        let res =
+            test::call_service(&app, test::TestRequest::get().uri("/plain").to_request()).await;
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(body["error"]["code"], "invalid_value");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        let res =
+            test::call_service(&app, test::TestRequest::get().uri("/json").to_request()).await;
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let body: serde_json::Value = test::read_body_json(res).await;
+        assert_eq!(
+            body["error"]["code"], "unauthorized",
+            "JSON errors pass untouched"
+        );
+    }
+
     #[test]
     fn pool_errors_are_unavailable() {
         let err = anyhow::Error::new(std::io::Error::new(
