@@ -59,17 +59,20 @@ impl KeyCache {
 
 /// The key the request presents, if any.
 fn presented_key(req: &HttpRequest) -> Option<&str> {
-    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
-        let v = v.to_str().ok()?.trim();
-        let (scheme, token) = v.split_once(' ')?;
-        return scheme
-            .eq_ignore_ascii_case("bearer")
-            .then_some(token.trim());
-    }
-    req.headers()
-        .get("x-api-key")
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .map(str::trim)
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    // A proxy may own the Authorization header (Basic auth); X-API-Key still works then.
+    bearer.or_else(|| {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    })
 }
 
 async fn resolve(pool: &Pool, cache: &KeyCache, key: &str) -> Result<Caller, ApiError> {

@@ -175,6 +175,10 @@ fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHan
     let status = ledger::run_status_consumer(state.clone(), work.clone());
     let outcomes = ledger::run_outcome_consumer(state.clone(), work.clone());
     vec![
+        tokio::spawn(forget_old_idempotency_keys(
+            state.pool.clone(),
+            work.clone(),
+        )),
         tokio::spawn(relay.run(work.clone())),
         tokio::spawn(status.map(|r| {
             if let Err(e) = r {
@@ -187,6 +191,25 @@ fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHan
             }
         })),
     ]
+}
+
+/// Idempotency keys are honoured for 24 h; older rows are only dead weight.
+async fn forget_old_idempotency_keys(pool: deadpool_postgres::Pool, stop: CancellationToken) {
+    loop {
+        if let Ok(client) = pool.get().await {
+            let sql = format!(
+                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => {})",
+                crate::tasks::IDEMPOTENCY_WINDOW_HOURS
+            );
+            if let Err(err) = client.execute(sql.as_str(), &[]).await {
+                warn!(error = %err, "could not forget old idempotency keys");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 fn ready_check(state: &Arc<AppState>) -> ReadyCheck {

@@ -63,6 +63,16 @@ async fn keys_work_as_bearer_or_x_api_key() {
     let (status, json) = app.get("/v1/webhooks/secret").await;
     assert_eq!(status, 200);
     assert_eq!(json["secret"], app.secret);
+    // A Basic Authorization header (a proxy's) does not hide X-API-Key.
+    let r = app
+        .http
+        .get(app.url("/v1/webhooks/secret"))
+        .header("Authorization", "Basic dXNlcjpwdw==")
+        .header("X-API-Key", &app.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     app.stop().await;
 }
 
