@@ -318,12 +318,18 @@ impl Broker {
                 let handler = handler.clone();
                 let token = shutdown.child_token();
                 let auto_ack = matches!(source, Source::Control);
+                // lapin closes a channel when its last handle goes, which hands every
+                // unsettled delivery back to the queue (counting as a lost delivery). Each
+                // handler keeps the channel open until it has settled its own delivery,
+                // so one that finishes during the shutdown drain still acks.
+                let settle_on = channel.clone();
                 in_flight.spawn(
                     async move {
                         let disposition = handler(incoming, token).await;
                         if !auto_ack {
                             settle(&delivery, disposition).await;
                         }
+                        drop(settle_on);
                         drop(permit);
                     }
                     .instrument(span),
