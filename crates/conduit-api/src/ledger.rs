@@ -191,6 +191,7 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
         } => {
             tx.execute(
                 "UPDATE tasks SET status = 'completed', progress = 100, eta_seconds = NULL,
+                     message = 'Video generation completed',
                      video_key = $2, generation_duration_seconds = $3, completed_at = $4,
                      last_seq = $5, updated_at = $6
                  WHERE id = $1",
@@ -225,6 +226,7 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
         StatusKind::Failed { error } => {
             tx.execute(
                 "UPDATE tasks SET status = 'failed', eta_seconds = NULL, error = $2, completed_at = $3,
+                     message = 'Video generation failed',
                      last_seq = $4, updated_at = $5
                  WHERE id = $1",
                 &[&task.id, error, &at, &seq, &now],

@@ -443,7 +443,7 @@ pub async fn cancel(pool: &Pool, caller: &Caller, task_id: Uuid) -> Result<TaskR
         .query_one(
             &format!(
                 "UPDATE tasks SET status = 'cancelled', error = $2, completed_at = $3, updated_at = $3,
-                     eta_seconds = NULL
+                     eta_seconds = NULL, message = 'Video generation cancelled'
                  WHERE id = $1 RETURNING {TASK_COLUMNS}"
             ),
             &[&task.id, &CANCELLED_ERROR, &now],

@@ -119,6 +119,7 @@ async fn a_task_runs_through_processing_progress_and_completed() {
     app.status_event(id, 1, 3, completed(id, 1)).await;
     let t = app.wait_status(id, "completed").await;
     assert_eq!(t["progress"], 100);
+    assert_eq!(t["message"], "Video generation completed");
     assert_eq!(t["generation_duration_seconds"], 4.25);
     assert!(t["completed_at"].is_string());
     assert!(t.get("estimated_seconds_remaining").is_none());
