@@ -44,6 +44,22 @@ pub struct Worker {
     pub max_attempts: u32,
 }
 
+/// Counts a job in the in-flight gauge for as long as it is alive.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// How the provider run ended.
 enum Outcome {
     Finished(Result<crate::providers::GeneratedVideo, GenerationError>),
@@ -143,6 +159,7 @@ impl Worker {
             self.metrics.jobs_cancelled.inc();
             return Disposition::Ack;
         };
+        let _in_flight = InFlight::new(&self.metrics.jobs_in_flight);
         let events = Events::new(self.broker.clone(), &job);
 
         if delivery_count >= self.max_attempts {
@@ -165,10 +182,8 @@ impl Worker {
             return Disposition::Requeue;
         }
         self.metrics.jobs_started.inc();
-        self.metrics.jobs_in_flight.inc();
         let started = Instant::now();
         let outcome = self.generate(&job, &events, &work, started).await;
-        self.metrics.jobs_in_flight.dec();
         // Whatever happened, the provider's work stops now.
         work.cancel();
 

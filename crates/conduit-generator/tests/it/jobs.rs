@@ -140,3 +140,37 @@ async fn shutdown_hands_a_running_job_back_without_counting_a_lost_attempt() {
     second.stop().await;
     h.cleanup().await;
 }
+
+#[tokio::test]
+async fn serves_health_readiness_and_metrics() {
+    let h = Harness::new(|_| {}).await;
+    let app = h.start_app().await;
+    let base = format!("http://127.0.0.1:{}", app.port);
+    let health = reqwest::get(format!("{base}/healthz"))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = reqwest::get(format!("{base}/readyz"))
+            .await
+            .expect("readyz");
+        if ready.status() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains("conduit_generator_jobs_in_flight"),
+        "{metrics}"
+    );
+    app.stop().await;
+    h.cleanup().await;
+}
