@@ -303,6 +303,8 @@ impl Worker {
         };
         let generation = async {
             let outcome = tokio::select! {
+                // A result that is ready wins over a cancel or timeout that came with it.
+                biased;
                 result = provider.generate(job, ctx) => Outcome::Finished(result),
                 () = tokio::time::sleep(self.task_timeout) => Outcome::TimedOut,
                 () = work.cancelled() => Outcome::Stopped,
