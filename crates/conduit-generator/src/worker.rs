@@ -187,6 +187,19 @@ impl Worker {
         // Whatever happened, the provider's work stops now.
         work.cancel();
 
+        if !matches!(outcome, Outcome::Finished(Ok(_))) {
+            // However the provider reacted to being stopped, a user cancel means the API
+            // already made the task terminal, and a shutdown means the job goes back.
+            if registration.cancelled_by_user() {
+                info!("generation stopped: cancelled by the user");
+                self.metrics.jobs_cancelled.inc();
+                return Disposition::Ack;
+            }
+            if shutdown.is_cancelled() {
+                return self.hand_back(&job).await;
+            }
+        }
+
         let terminal = match outcome {
             Outcome::Finished(Ok(video)) => {
                 let elapsed = started.elapsed().as_secs_f64();
@@ -232,15 +245,6 @@ impl Worker {
                 }
             }
             Outcome::Finished(Err(GenerationError::Cancelled)) | Outcome::Stopped => {
-                if registration.cancelled_by_user() {
-                    // The API already made the task terminal; nothing more to say.
-                    info!("generation stopped: cancelled by the user");
-                    self.metrics.jobs_cancelled.inc();
-                    return Disposition::Ack;
-                }
-                if shutdown.is_cancelled() {
-                    return self.hand_back(&job).await;
-                }
                 self.metrics.jobs_failed.with_label_values(&["error"]).inc();
                 StatusKind::Failed {
                     error: "Video generation was stopped unexpectedly".into(),
