@@ -5,6 +5,7 @@
 mod cancel;
 mod jobs;
 mod lost_workers;
+mod remote_like;
 
 use std::time::{Duration, Instant};
 
