@@ -236,7 +236,10 @@ impl Broker {
             confirms.push(confirm);
         }
         for confirm in confirms {
-            match confirm.await.context("waiting for RabbitMQ publisher confirm")? {
+            match confirm
+                .await
+                .context("waiting for RabbitMQ publisher confirm")?
+            {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {}
                 Confirmation::Ack(Some(returned)) => bail!(
                     "RabbitMQ could not route a message to {} (reply {})",
@@ -347,7 +350,11 @@ impl Broker {
         source: &Source,
         limits: ConsumeLimits,
     ) -> anyhow::Result<(Channel, lapin::Consumer)> {
-        let channel = live.conn.create_channel().await.context("opening channel")?;
+        let channel = live
+            .conn
+            .create_channel()
+            .await
+            .context("opening channel")?;
         channel
             .basic_qos(limits.prefetch, BasicQosOptions::default())
             .await
@@ -399,7 +406,11 @@ impl Broker {
     /// Number of messages ready in a work queue (for tests, metrics and benchmarks).
     pub async fn queue_depth(&self, route: &str) -> anyhow::Result<u32> {
         let live = self.live().await?;
-        let channel = live.conn.create_channel().await.context("opening channel")?;
+        let channel = live
+            .conn
+            .create_channel()
+            .await
+            .context("opening channel")?;
         let q = channel
             .queue_declare(
                 self.inner.topology.queue(route).as_str().into(),

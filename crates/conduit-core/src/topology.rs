@@ -47,7 +47,11 @@ pub const WAIT_BUCKETS: [Duration; 8] = [
 
 /// The largest wait bucket not longer than `remaining`, or `None` when the delivery is due.
 pub fn wait_bucket_for(remaining: Duration) -> Option<Duration> {
-    WAIT_BUCKETS.iter().rev().find(|b| **b <= remaining).copied()
+    WAIT_BUCKETS
+        .iter()
+        .rev()
+        .find(|b| **b <= remaining)
+        .copied()
 }
 
 /// Names of one stack's exchanges and queues.
@@ -118,7 +122,10 @@ impl Topology {
             route::DEAD_WEBHOOKS,
         ] {
             let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
             self.declare_bound_queue(channel, r, args).await?;
         }
         for delay in WAIT_BUCKETS {
