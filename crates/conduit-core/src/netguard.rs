@@ -27,7 +27,7 @@ fn in_v4_net(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
 }
 
 fn is_forbidden_v4(ip: Ipv4Addr) -> bool {
-    const NETS: [([u8; 4], u32); 13] = [
+    const NETS: [([u8; 4], u32); 14] = [
         ([0, 0, 0, 0], 8),       // "this network", includes the unspecified 0.0.0.0
         ([10, 0, 0, 0], 8),      // RFC 1918
         ([100, 64, 0, 0], 10),   // carrier-grade NAT (RFC 6598)
@@ -36,6 +36,7 @@ fn is_forbidden_v4(ip: Ipv4Addr) -> bool {
         ([172, 16, 0, 0], 12),   // RFC 1918
         ([192, 0, 0, 0], 24),    // IETF protocol assignments
         ([192, 0, 2, 0], 24),    // documentation (TEST-NET-1)
+        ([192, 88, 99, 0], 24),  // deprecated 6to4 relay anycast (RFC 7526)
         ([192, 168, 0, 0], 16),  // RFC 1918
         ([198, 18, 0, 0], 15),   // benchmarking
         ([198, 51, 100, 0], 24), // documentation (TEST-NET-2)
@@ -59,6 +60,8 @@ fn is_forbidden_v6(ip: Ipv6Addr) -> bool {
         || seg[0] & 0xfe00 == 0xfc00 // unique local fc00::/7
         || (seg[0] == 0x2001 && seg[1] == 0x0000) // Teredo: hides an arbitrary IPv4 peer
         || (seg[0] == 0x2001 && seg[1] == 0x0db8) // documentation
+        || (seg[0] == 0x3fff && seg[1] < 0x1000) // documentation 3fff::/20 (RFC 9637)
+        || (seg[0] == 0x2001 && seg[1] < 0x30) // Teredo, benchmarking, ORCHID(v2) in 2001::/23
         || (seg[0] == 0x0100 && seg[1..4] == [0, 0, 0]) // discard-only 100::/64
 }
 
@@ -74,6 +77,10 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     );
     // IPv4-mapped ::ffff:a.b.c.d
     if seg[..5] == [0, 0, 0, 0, 0] && seg[5] == 0xffff {
+        return Some(low);
+    }
+    // IPv4-translated ::ffff:0:a.b.c.d (SIIT, RFC 6052/7915)
+    if seg[..4] == [0, 0, 0, 0] && seg[4] == 0xffff && seg[5] == 0 {
         return Some(low);
     }
     // IPv4-compatible ::a.b.c.d (deprecated), but not :: and ::1 themselves
@@ -129,6 +136,7 @@ mod tests {
             "255.255.255.255",
             "192.0.0.8",
             "192.0.2.1",
+            "192.88.99.1",
             "198.18.0.1",
             "198.51.100.7",
             "203.0.113.9",
@@ -175,6 +183,10 @@ mod tests {
             "2001:db8::1",
             "2001:0:4136:e378:8000:63bf:3fff:fdd2",
             "100::1",
+            "3fff::1",
+            "3fff:fff::1",
+            "2001:10::1",
+            "2001:20::1",
         ] {
             assert!(forbidden(ip), "{ip} must be refused");
         }
@@ -194,10 +206,17 @@ mod tests {
             "64:ff9b:1::c0a8:1",
             "2002:7f00:1::1",
             "2002:c0a8:0101::1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:a9fe:a9fe",
         ] {
             assert!(forbidden(ip), "{ip} must be refused");
         }
-        for ip in ["::ffff:8.8.8.8", "64:ff9b::808:808", "2002:0808:0808::1"] {
+        for ip in [
+            "::ffff:8.8.8.8",
+            "::ffff:0:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:0808:0808::1",
+        ] {
             assert!(!forbidden(ip), "{ip} carries a public IPv4");
         }
     }
@@ -208,6 +227,9 @@ mod tests {
             "2606:4700:4700::1111",
             "2a00:1450:4001:80b::200e",
             "2001:4860::1",
+            "2001:4860:4860::8888",
+            "2001:200::1",
+            "2400:cb00::1",
         ] {
             assert!(!forbidden(ip), "{ip} is public");
         }
