@@ -56,9 +56,12 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// The `User-Agent` of every webhook request.
 pub const USER_AGENT_VALUE: &str = "Conduit-LLM/1.0";
-/// How long a delivery waits in-process for its task's or host's slot before it is
-/// parked in a wait queue, so one busy host never holds the process's global slots.
-const SLOT_WAIT: Duration = Duration::from_millis(100);
+/// A delivery waits in-process for its task's or host's slot while those slots turn over
+/// (a busy receiver), but once they stand still this long (a hanging one) it is parked in
+/// a wait queue instead, so a hanging host never holds the process's global slots.
+const SLOT_STALL: Duration = Duration::from_millis(100);
+/// Longest in-process wait for a slot, however busy the host.
+const SLOT_PATIENCE: Duration = Duration::from_secs(2);
 /// The wait queue a delivery goes to when its host or task is busy.
 const BUSY_PARK: Duration = WAIT_BUCKETS[1];
 /// How long an attempt in flight may finish once shutdown began before it is handed
@@ -166,7 +169,11 @@ impl Deliverer {
             }
         }
 
-        let Some(task_slot) = self.tasks.acquire(d.task_id, SLOT_WAIT).await else {
+        let Some(task_slot) = self
+            .tasks
+            .acquire(d.task_id, SLOT_STALL, SLOT_PATIENCE)
+            .await
+        else {
             return self.park(&d, BUSY_PARK, "task_busy").await;
         };
         if d.event == WebhookEvent::Progress && self.finished.supersedes(d.task_id, d.occurred_at) {
@@ -192,7 +199,11 @@ impl Deliverer {
                 response,
             },
             Ok((url, key)) => {
-                let Some(host_slot) = self.hosts.acquire(host_key(&url), SLOT_WAIT).await else {
+                let Some(host_slot) = self
+                    .hosts
+                    .acquire(host_key(&url), SLOT_STALL, SLOT_PATIENCE)
+                    .await
+                else {
                     drop(task_slot);
                     return self.park(&d, BUSY_PARK, "host_busy").await;
                 };

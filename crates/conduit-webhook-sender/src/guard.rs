@@ -121,6 +121,8 @@ mod tests {
             "http://[::1]:9000/hook",
             "http://[::ffff:127.0.0.1]/hook",
             "http://[::ffff:7f00:1]/hook",
+            "http://[::ffff:0:127.0.0.1]/hook",
+            "http://[::127.0.0.1]/hook",
             "https://0.0.0.0/hook",
             "http://[::]/hook",
             "http://169.254.169.254/latest/meta-data",

@@ -1,12 +1,19 @@
 //! Keyed slots: at most `n` holders per key (a host's concurrent requests, a task's one
 //! delivery at a time). A key's entry lives only while someone holds or waits for it, so
 //! the map never grows with the number of hosts or tasks ever seen.
+//!
+//! A waiter keeps waiting while the key's slots are turning over (a busy but healthy
+//! receiver) and gives up soon when they are stuck (a hanging one), so the caller can
+//! park its delivery instead of holding a global slot behind a receiver that hangs.
 
 use std::{
     collections::HashMap,
     hash::Hash,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,12 +24,20 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone> {
 
 struct Inner<K> {
     per_key: usize,
-    slots: Mutex<HashMap<K, Arc<Semaphore>>>,
+    epoch: Instant,
+    slots: Mutex<HashMap<K, Arc<Entry>>>,
+}
+
+struct Entry {
+    semaphore: Arc<Semaphore>,
+    /// Milliseconds since the limiter's epoch when a slot of this key was last freed.
+    released_at: AtomicU64,
 }
 
 /// A held slot; dropping it frees the slot (and the key's entry once unused).
 pub struct Slot<K: Hash + Eq + Clone> {
     permit: Option<OwnedSemaphorePermit>,
+    entry: Option<Arc<Entry>>,
     key: K,
     owner: Arc<Inner<K>>,
 }
@@ -32,35 +47,53 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         Self {
             inner: Arc::new(Inner {
                 per_key: per_key.max(1),
+                epoch: Instant::now(),
                 slots: Mutex::new(HashMap::new()),
             }),
         }
     }
 
-    /// Takes a slot of `key`, waiting at most `wait`; `None` when the key stayed full.
-    pub async fn acquire(&self, key: K, wait: Duration) -> Option<Slot<K>> {
-        let semaphore = {
+    /// Takes a slot of `key`. Waits in steps of `stall`: while some slot of the key was
+    /// freed within the last step the key is moving and the wait goes on, up to
+    /// `patience` in all; a key whose slots did not move for a whole step gives `None`.
+    pub async fn acquire(&self, key: K, stall: Duration, patience: Duration) -> Option<Slot<K>> {
+        let entry = {
             let mut slots = lock(&self.inner.slots);
             slots
                 .entry(key.clone())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.inner.per_key)))
+                .or_insert_with(|| {
+                    Arc::new(Entry {
+                        semaphore: Arc::new(Semaphore::new(self.inner.per_key)),
+                        released_at: AtomicU64::new(0),
+                    })
+                })
                 .clone()
         };
-        let permit = match semaphore.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => tokio::time::timeout(wait, semaphore.clone().acquire_owned())
+        let started = Instant::now();
+        let mut permit = entry.semaphore.clone().try_acquire_owned().ok();
+        while permit.is_none() {
+            permit = tokio::time::timeout(stall, entry.semaphore.clone().acquire_owned())
                 .await
                 .ok()
-                .and_then(Result::ok),
-        };
-        drop(semaphore);
+                .and_then(Result::ok);
+            let moving = self
+                .inner
+                .millis_now()
+                .saturating_sub(entry.released_at.load(Ordering::Relaxed))
+                <= u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+            if permit.is_none() && (!moving || started.elapsed() >= patience) {
+                break;
+            }
+        }
         match permit {
             Some(permit) => Some(Slot {
                 permit: Some(permit),
+                entry: Some(entry),
                 key,
                 owner: self.inner.clone(),
             }),
             None => {
+                drop(entry);
                 self.inner.forget_if_unused(&key);
                 None
             }
@@ -75,6 +108,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 }
 
 impl<K: Hash + Eq> Inner<K> {
+    fn millis_now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn forget_if_unused(&self, key: &K) {
         let mut slots = lock(&self.slots);
         // Holders and waiters each own a clone; only the map's own reference left means
@@ -87,7 +124,13 @@ impl<K: Hash + Eq> Inner<K> {
 
 impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
-        drop(self.permit.take());
+        if let Some(entry) = self.entry.take() {
+            entry
+                .released_at
+                .store(self.owner.millis_now(), Ordering::Relaxed);
+            drop(self.permit.take());
+            drop(entry);
+        }
         self.owner.forget_if_unused(&self.key);
     }
 }
@@ -101,19 +144,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
 
+    const STALL: Duration = Duration::from_millis(30);
+    const PATIENCE: Duration = Duration::from_secs(5);
+
     #[tokio::test]
     async fn limits_each_key_and_cleans_up() {
         let limiter = KeyedLimiter::new(2);
-        let a1 = limiter.acquire("a", Duration::ZERO).await.unwrap();
-        let a2 = limiter.acquire("a", Duration::ZERO).await.unwrap();
-        assert!(limiter
-            .acquire("a", Duration::from_millis(20))
-            .await
-            .is_none());
-        let b = limiter.acquire("b", Duration::ZERO).await.unwrap();
+        let a1 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
+        let a2 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
+        // Both slots held and nothing moving: give up after one step.
+        assert!(limiter.acquire("a", STALL, PATIENCE).await.is_none());
+        let b = limiter.acquire("b", STALL, PATIENCE).await.unwrap();
         assert_eq!(limiter.tracked_keys(), 2);
         drop(a1);
-        let a3 = limiter.acquire("a", Duration::ZERO).await.unwrap();
+        let a3 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
         drop((a2, a3, b));
         assert_eq!(limiter.tracked_keys(), 0);
     }
@@ -121,14 +165,44 @@ mod tests {
     #[tokio::test]
     async fn a_waiter_gets_the_slot_when_freed() {
         let limiter = Arc::new(KeyedLimiter::new(1));
-        let held = limiter.acquire(7u32, Duration::ZERO).await.unwrap();
+        let held = limiter.acquire(7u32, STALL, PATIENCE).await.unwrap();
         let waiter = {
             let limiter = limiter.clone();
-            tokio::spawn(async move { limiter.acquire(7, Duration::from_secs(5)).await.is_some() })
+            tokio::spawn(async move {
+                limiter
+                    .acquire(7, Duration::from_secs(5), PATIENCE)
+                    .await
+                    .is_some()
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(held);
         assert!(waiter.await.unwrap());
         assert_eq!(limiter.tracked_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn keeps_waiting_while_the_key_turns_over() {
+        let limiter = Arc::new(KeyedLimiter::new(1));
+        // A busy but moving key: its one slot is taken and freed every 10 ms for 300 ms.
+        let churn = {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let end = Instant::now() + Duration::from_millis(300);
+                while Instant::now() < end {
+                    if let Some(slot) = limiter.acquire("k", STALL, PATIENCE).await {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        drop(slot);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Waiting far longer than one step is fine as long as the key moves.
+        let got = limiter.acquire("k", STALL, PATIENCE).await;
+        assert!(got.is_some());
+        drop(got);
+        churn.await.unwrap();
     }
 }

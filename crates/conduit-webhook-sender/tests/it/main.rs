@@ -61,6 +61,13 @@ impl RunningApp {
         result.expect("sender ran cleanly");
     }
 
+    /// Ends the sender abruptly, as a crash would: in-flight attempts are abandoned
+    /// unacknowledged and their consumer channel goes away with them.
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+
     /// The `/metrics` text.
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))

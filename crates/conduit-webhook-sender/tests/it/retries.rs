@@ -262,3 +262,39 @@ async fn a_sender_restarted_mid_schedule_still_delivers() {
     receiver.stop().await;
     h.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_sender_killed_during_an_attempt_loses_nothing() {
+    let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,200ms")).await;
+    // The first request hangs long enough for the sender to die while it is in flight.
+    let receiver = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::status(200).after(Duration::from_secs(30))
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let app = h.start_app().await;
+    let d = delivery_of(&receiver.url("/hook"), &completed(Uuid::new_v4()));
+    h.publish(&d).await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    app.kill().await;
+
+    let app = h.start_app().await;
+    let outcomes = h
+        .outcomes_until_final(&d.webhook_id, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        outcomes.last().map(|o| o.state),
+        Some(DeliveryState::Delivered)
+    );
+    let requests = receiver.wait_for(2, Duration::from_secs(5)).await;
+    assert!(requests
+        .iter()
+        .all(|r| r.header("webhook-id") == Some(d.webhook_id.as_str())));
+
+    app.stop().await;
+    receiver.stop().await;
+    h.cleanup().await;
+}
