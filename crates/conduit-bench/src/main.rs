@@ -1,0 +1,66 @@
+//! `conduit-bench full` measures everything and regenerates docs/benchmarks.md;
+//! `conduit-bench smoke` runs the same code with tiny counts.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use conduit_bench::{Mode, Options};
+
+#[derive(Parser)]
+#[command(about = "Conduit benchmarks against the machine's own baselines")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Cmd,
+    /// Folder of the service binaries (default: target/release for full, target/debug for smoke).
+    #[arg(long, global = true)]
+    bin_dir: Option<PathBuf>,
+    /// Where the JSON result goes.
+    #[arg(long, global = true)]
+    json: Option<PathBuf>,
+    /// The Markdown file whose generated section is rewritten (full only).
+    #[arg(long, global = true)]
+    docs: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Cmd {
+    /// Every measurement at full size (a few minutes).
+    Full,
+    /// Tiny counts, seconds; for CI.
+    Smoke,
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"));
+    let options = match cli.mode {
+        Cmd::Full => Options {
+            mode: Mode::Full,
+            bin_dir: cli.bin_dir.unwrap_or_else(|| target.join("release")),
+            json: Some(
+                cli.json
+                    .unwrap_or_else(|| target.join("conduit-bench/result.json")),
+            ),
+            docs: Some(
+                cli.docs
+                    .unwrap_or_else(|| workspace().join("docs/benchmarks.md")),
+            ),
+            command: "./scripts/bench".into(),
+        },
+        Cmd::Smoke => Options {
+            json: cli.json,
+            docs: cli.docs,
+            ..Options::smoke(cli.bin_dir.unwrap_or_else(|| target.join("debug")))
+        },
+    };
+    let report = conduit_bench::run(options).await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}

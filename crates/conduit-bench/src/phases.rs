@@ -1,0 +1,596 @@
+//! The measurements, in the order they run. Every load loop is bounded in count and
+//! time; every process and broker name of the run is removed at the end, also on error.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use conduit_core::{
+    messages::{WebhookDelivery, SCHEMA_VERSION},
+    payload::{ProgressPayload, WebhookPayload},
+    time::now_millis,
+    topology::route,
+    Broker, Outgoing, Service, Settings,
+};
+use conduit_generator::render::{self, RenderRequest};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    baseline::{self, per_second},
+    receiver::Receiver,
+    report::{Delivery, Isolation, Memory, Paced, Render, Report, ScaleOut, SubmitRow},
+    stack::{Env, Proc, AMQP_URL},
+    stats::{ratio, Latency},
+    Mode, Options, Sizes,
+};
+
+const READY: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(35);
+const PROMPT: &str = "A serene mountain landscape with clouds";
+/// Share of the events sent to the hanging receiver in the isolation run.
+const HANGING_SHARE: usize = 5; // one in five: 20 %
+
+/// Everything in order; cleans up the namespace and database whatever happens.
+pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let namespace = format!("bench_{}", Uuid::new_v4().simple());
+    let env = Env::new(&options.bin_dir, &namespace)?;
+    let mut report = Report {
+        mode: options.mode,
+        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu: cpu_model(),
+        command: options.command.clone(),
+        wall_seconds: 0.0,
+        submit: Vec::new(),
+        delivery: None,
+        paced: None,
+        isolation: None,
+        render: None,
+        memory: Vec::new(),
+        scale_out: None,
+        notes: Vec::new(),
+    };
+    let sizes = Sizes::for_mode(options.mode);
+    let result = run_phases(options, &sizes, &env, &mut report).await;
+    env.clean_up().await;
+    result?;
+    report.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+async fn run_phases(
+    options: &Options,
+    sizes: &Sizes,
+    env: &Env,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let (key, secret) = env.create_key().context("creating the bench API key")?;
+
+    // 1. Submit, then a generator working through the queued jobs for its memory.
+    {
+        let mut api = env.spawn("conduit-api", 0, &[])?;
+        api.wait_ready(READY).await?;
+        for &clients in &sizes.submit_clients {
+            let row = submit_load(&api, &key, clients, sizes).await?;
+            let pg = pgbench_at(env, clients, sizes, report).await;
+            report.submit.push(row.with_pgbench(pg));
+        }
+        push_memory(report, &api, "1: submit load");
+        let mut generator = env.spawn("conduit-generator", 0, &[])?;
+        generator.wait_ready(READY).await?;
+        tokio::time::sleep(Duration::from_secs(sizes.generator_secs)).await;
+        push_memory(
+            report,
+            &generator,
+            &format!(
+                "rendering queued 1280x720 jobs for {} s",
+                sizes.generator_secs
+            ),
+        );
+        generator.stop(STOP_GRACE);
+        api.stop(STOP_GRACE);
+    }
+
+    // The bench's own connection: it feeds the webhooks queue directly.
+    let shutdown = CancellationToken::new();
+    let mut settings = Settings::load(Service::WebhookSender, None)?;
+    settings.amqp.url = conduit_core::Secret::new(AMQP_URL);
+    settings.amqp.namespace = env.namespace.clone();
+    let broker = Broker::start(&settings.amqp, "conduit-bench", shutdown.clone());
+    broker.wait_ready(Duration::from_secs(30)).await?;
+    let sender_prefetch = u16::try_from(
+        settings
+            .webhooks
+            .concurrency
+            .max(usize::from(settings.amqp.prefetch)),
+    )
+    .unwrap_or(u16::MAX);
+    let result = delivery_phases(
+        options,
+        sizes,
+        env,
+        report,
+        &broker,
+        &secret,
+        sender_prefetch,
+    )
+    .await;
+    shutdown.cancel();
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn delivery_phases(
+    options: &Options,
+    sizes: &Sizes,
+    env: &Env,
+    report: &mut Report,
+    broker: &Broker,
+    secret: &str,
+    prefetch: u16,
+) -> anyhow::Result<()> {
+    let n = sizes.deliveries;
+    let queue = broker.topology().queue(route::WEBHOOKS);
+
+    // 2a. Bare consumer drain of the same queue.
+    let bare = {
+        let receiver = Receiver::start().await?;
+        preload(broker, &receiver.url("/hook"), secret, n).await?;
+        match baseline::bare_drain(&queue, n, prefetch, sizes.drain_timeout).await {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                report.notes.push(format!("bare consumer: {e:#}"));
+                None
+            }
+        }
+    };
+
+    // 2b. One sender draining the same number of webhooks.
+    let receiver = Receiver::start().await?;
+    preload(broker, &receiver.url("/hook"), secret, n).await?;
+    let mut sender = env.spawn("conduit-webhook-sender", 0, &[])?;
+    sender.wait_ready(READY).await?;
+    let one = drain_rate(&receiver, n, sizes.drain_timeout, report, "one sender").await;
+
+    // 2c. wrk against a receiver of its own, same body.
+    let wrk = if baseline::have("wrk") {
+        let wrk_receiver = Receiver::start().await?;
+        let body = sample_body();
+        match baseline::wrk(
+            &env.dir,
+            &wrk_receiver.url("/hook"),
+            &body,
+            64,
+            sizes.wrk_secs,
+        )
+        .await
+        {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                report.notes.push(format!("wrk: {e:#}"));
+                None
+            }
+        }
+    } else {
+        report
+            .notes
+            .push("wrk is not installed: no raw HTTP baseline".into());
+        None
+    };
+    report.delivery = Some(Delivery {
+        messages: n,
+        sender_rate: one,
+        bare_consumer_rate: bare,
+        wrk_rate: wrk,
+        ratio_bare: ratio(one, bare),
+        ratio_wrk: ratio(one, wrk),
+    });
+
+    // 3. Paced at half the measured delivery rate.
+    let pace = (one * 0.5).max(1.0);
+    let healthy = Receiver::start().await?;
+    let run = paced(broker, secret, pace, sizes.paced_secs, &healthy, None).await?;
+    let paced_p99 = run.latency.p99_ms;
+    report.paced = Some(Paced {
+        target_rate: pace,
+        published: run.published,
+        delivered: run.delivered,
+        latency: run.latency,
+    });
+
+    // 4. The same with one event in five going to a receiver that hangs.
+    let healthy = Receiver::start().await?;
+    let hanging = Receiver::hanging(sizes.hang).await?;
+    let run = paced(
+        broker,
+        secret,
+        pace,
+        sizes.paced_secs,
+        &healthy,
+        Some(&hanging),
+    )
+    .await?;
+    hanging.release();
+    report.isolation = Some(Isolation {
+        target_rate: pace,
+        hanging_share: 1.0 / HANGING_SHARE as f64,
+        healthy_published: run.published,
+        healthy_delivered: run.delivered,
+        healthy: run.latency,
+        p99_ratio: ratio(run.latency.p99_ms, Some(paced_p99)),
+    });
+    push_memory(report, &sender, "2–4: delivery, paced and isolation runs");
+    sender.stop(STOP_GRACE);
+    drop(hanging);
+
+    // 7. Two senders on the same queue.
+    {
+        let receiver = Receiver::start().await?;
+        preload(broker, &receiver.url("/hook"), secret, n).await?;
+        let mut a = env.spawn("conduit-webhook-sender", 1, &[])?;
+        let mut b = env.spawn("conduit-webhook-sender", 2, &[])?;
+        a.wait_ready(READY).await?;
+        b.wait_ready(READY).await?;
+        let two = drain_rate(&receiver, n, sizes.drain_timeout, report, "two senders").await;
+        report.scale_out = Some(ScaleOut {
+            one_sender_rate: one,
+            two_senders_rate: two,
+            ratio: ratio(two, Some(one)),
+        });
+        push_memory(report, &a, "7: one of two senders");
+        a.stop(STOP_GRACE);
+        b.stop(STOP_GRACE);
+    }
+
+    // 5. Render, last: nothing else runs while it measures.
+    report.render = Some(render_phase(options.mode, sizes, report).await?);
+    Ok(())
+}
+
+async fn pgbench_at(
+    env: &Env,
+    clients: usize,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> Option<baseline::PgbenchResult> {
+    if !baseline::have("pgbench") {
+        report
+            .notes
+            .push("pgbench is not installed: no insert baseline".into());
+        return None;
+    }
+    let spare = baseline::pg_spare_connections().await.unwrap_or(1);
+    let used = clients.min(spare);
+    if used < clients {
+        report.notes.push(format!(
+            "pgbench ran {used} clients instead of {clients}: PostgreSQL's max_connections \
+             leaves no more (the API itself holds at most its pool of connections)"
+        ));
+    }
+    match baseline::pgbench(&env.dir, used, sizes.submit_secs).await {
+        Ok(r) => Some(r),
+        Err(e) => {
+            report.notes.push(format!("pgbench: {e:#}"));
+            None
+        }
+    }
+}
+
+fn push_memory(report: &mut Report, proc: &Proc, during: &str) {
+    if let Some(kib) = proc.peak_rss_kib() {
+        report.memory.push(Memory {
+            service: proc.name.clone(),
+            during: during.to_owned(),
+            peak_rss_mib: kib as f64 / 1024.0,
+        });
+    }
+}
+
+/// `clients` keep-alive clients POSTing submits back to back for the run's duration
+/// after a warm-up; accepted submits per second and their latencies.
+async fn submit_load(
+    api: &Proc,
+    key: &str,
+    clients: usize,
+    sizes: &Sizes,
+) -> anyhow::Result<SubmitRow> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = api.url("/v1/videos/generations/async");
+    let body = bytes::Bytes::from(
+        serde_json::json!({"model": "local-video", "prompt": PROMPT}).to_string(),
+    );
+    let measure_from = Instant::now() + sizes.submit_warmup;
+    let until = measure_from + Duration::from_secs(sizes.submit_secs);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let (http, url, body, key) = (http.clone(), url.clone(), body.clone(), key.to_owned());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0usize;
+            while Instant::now() < until {
+                let sent = Instant::now();
+                let r = http
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                let ok = match r {
+                    Ok(r) => {
+                        let accepted = r.status().as_u16() == 202;
+                        let _ = r.bytes().await;
+                        accepted
+                    }
+                    Err(_) => false,
+                };
+                let done = Instant::now();
+                if sent >= measure_from && done <= until {
+                    if ok {
+                        latencies.push(done - sent);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (l, e) = joined.context("a submit client panicked")?;
+        all.extend(l);
+        errors += e;
+    }
+    let accepted = all.len();
+    let seconds = sizes.submit_secs as f64;
+    Ok(SubmitRow {
+        clients,
+        seconds,
+        accepted,
+        errors,
+        rate: accepted as f64 / seconds,
+        latency: Latency::of(&mut all),
+        pgbench: None,
+        ratio: None,
+    })
+}
+
+fn sample_body() -> String {
+    WebhookPayload::Progress(ProgressPayload::new(
+        Uuid::new_v4(),
+        now_millis(),
+        50,
+        "Rendering video content".into(),
+        Some(30),
+    ))
+    .to_body()
+}
+
+/// A progress webhook for a task of its own (the sender serialises one task's webhooks,
+/// and progress webhooks are attempted once, so a hanging receiver causes no retries).
+fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
+    let task_id = Uuid::new_v4();
+    let webhook_id = format!("msg_{}", Uuid::new_v4().simple());
+    let payload = WebhookPayload::Progress(ProgressPayload::new(
+        task_id,
+        now_millis(),
+        50,
+        "Rendering video content".into(),
+        Some(30),
+    ));
+    let d = WebhookDelivery {
+        v: SCHEMA_VERSION,
+        webhook_id: webhook_id.clone(),
+        task_id,
+        event: payload.event(),
+        url: url.to_owned(),
+        headers: BTreeMap::new(),
+        secret: secret.to_owned(),
+        body: payload.to_body(),
+        occurred_at: now_millis(),
+        attempts_made: 0,
+        not_before: None,
+    };
+    let out = Outgoing::json(route::WEBHOOKS, &d)
+        .map(|o| o.for_task(task_id).with_message_id(webhook_id.clone()))
+        .unwrap_or_else(|_| Outgoing {
+            target: conduit_core::Target::Queue(route::WEBHOOKS.into()),
+            body: Vec::new(),
+            task_id: None,
+            message_id: None,
+        });
+    (webhook_id, out)
+}
+
+/// Puts `n` webhooks for `url` on the webhooks queue, 500 per confirmed batch.
+async fn preload(broker: &Broker, url: &str, secret: &str, n: usize) -> anyhow::Result<()> {
+    let all: Vec<Outgoing> = (0..n).map(|_| delivery(url, secret).1).collect();
+    for chunk in all.chunks(500) {
+        broker
+            .publish_batch(chunk)
+            .await
+            .context("preloading webhooks")?;
+    }
+    Ok(())
+}
+
+/// Deliveries per second from the first arrival to the n-th.
+async fn drain_rate(
+    receiver: &Receiver,
+    n: usize,
+    timeout: Duration,
+    report: &mut Report,
+    what: &str,
+) -> f64 {
+    if !receiver.wait_for(n, timeout).await {
+        report.notes.push(format!(
+            "{what}: only {} of {n} webhooks arrived within {timeout:?}",
+            receiver.count()
+        ));
+    }
+    receiver.span().map_or(0.0, |(first, last)| {
+        per_second(receiver.count().saturating_sub(1), last - first)
+    })
+}
+
+struct PacedRun {
+    published: usize,
+    delivered: usize,
+    latency: Latency,
+}
+
+/// Publishes webhooks at `rate` per second for `secs` (every 5 ms, the ones due), one
+/// in [`HANGING_SHARE`] to `hanging` when given; latency is from the publish call to
+/// the arrival at `healthy`.
+async fn paced(
+    broker: &Broker,
+    secret: &str,
+    rate: f64,
+    secs: u64,
+    healthy: &Receiver,
+    hanging: Option<&Receiver>,
+) -> anyhow::Result<PacedRun> {
+    let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let failed = Arc::new(AtomicBool::new(false));
+    let healthy_url = healthy.url("/hook");
+    let hanging_url = hanging.map(|h| h.url("/hook"));
+    let total = (rate * secs as f64) as usize;
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut batches = tokio::task::JoinSet::new();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    while sent < total && start.elapsed() < Duration::from_secs(secs + 5) {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(total);
+        if due <= sent {
+            continue;
+        }
+        let mut batch = Vec::with_capacity(due - sent);
+        let mut ids = Vec::new();
+        for i in sent..due {
+            let to_hang = hanging_url.as_ref().filter(|_| i % HANGING_SHARE == 0);
+            let (id, out) = delivery(to_hang.unwrap_or(&healthy_url), secret);
+            if to_hang.is_none() {
+                ids.push(id);
+            }
+            batch.push(out);
+        }
+        sent = due;
+        let (broker, published, failed, in_flight) = (
+            broker.clone(),
+            published.clone(),
+            failed.clone(),
+            in_flight.clone(),
+        );
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        batches.spawn(async move {
+            let at = Instant::now();
+            if let Ok(mut m) = published.lock() {
+                m.extend(ids.into_iter().map(|id| (id, at)));
+            }
+            if broker.publish_batch(&batch).await.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+        while batches.try_join_next().is_some() {}
+    }
+    while batches.join_next().await.is_some() {}
+    let expected: HashMap<String, Instant> =
+        published.lock().map(|m| m.clone()).unwrap_or_default();
+    // Wait (bounded) for the healthy receiver to have every one of its webhooks.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while healthy.count() < expected.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let arrivals = healthy.arrivals();
+    let mut latencies: Vec<Duration> = expected
+        .iter()
+        .filter_map(|(id, at)| arrivals.get(id).map(|a| a.saturating_duration_since(*at)))
+        .collect();
+    if failed.load(Ordering::Relaxed) {
+        anyhow::bail!("a paced publish was not confirmed by RabbitMQ");
+    }
+    Ok(PacedRun {
+        published: expected.len(),
+        delivered: latencies.len(),
+        latency: Latency::of(&mut latencies),
+    })
+}
+
+async fn render_phase(mode: Mode, sizes: &Sizes, report: &mut Report) -> anyhow::Result<Render> {
+    let (width, height) = sizes.render_size;
+    let request = RenderRequest {
+        prompt: PROMPT.into(),
+        seed: Some(42),
+        width,
+        height,
+        duration_seconds: sizes.render_seconds,
+        fps: 24,
+    };
+    let frames = request.total_frames();
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || {
+        let cancel = AtomicBool::new(false);
+        render::render(&request, &mut |_, _| {}, &cancel)
+    })
+    .await
+    .context("the render thread panicked")?
+    .context("rendering")?;
+    let seconds = started.elapsed().as_secs_f64();
+    let fps = f64::from(frames) / seconds;
+    let ffmpeg = if baseline::have("ffmpeg") {
+        match baseline::ffmpeg(width, height, 24, frames).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                report.notes.push(format!("ffmpeg: {e:#}"));
+                None
+            }
+        }
+    } else {
+        report
+            .notes
+            .push("ffmpeg is not installed: no encoder baseline".into());
+        None
+    };
+    if mode == Mode::Smoke {
+        report
+            .notes
+            .push("smoke run: tiny counts, debug build; the figures mean nothing".into());
+    }
+    Ok(Render {
+        width,
+        height,
+        frames,
+        seconds,
+        fps,
+        ratio: ratio(fps, ffmpeg.as_ref().map(|f| f.fps)),
+        ffmpeg,
+    })
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
