@@ -44,7 +44,7 @@ use uuid::Uuid;
 
 use crate::{
     guard::{refusal_in, Refusal, TargetGuard},
-    limits::KeyedLimiter,
+    limits::{Busy, KeyedLimiter},
     metrics::{outcome, Metrics},
     retry::{honours_retry_after, parse_retry_after, random_fraction, NextAttempt, RetryLadder},
     signing::SigningKey,
@@ -62,8 +62,11 @@ pub const USER_AGENT_VALUE: &str = "Conduit-LLM/1.0";
 const SLOT_STALL: Duration = Duration::from_millis(100);
 /// Longest in-process wait for a slot, however busy the host.
 const SLOT_PATIENCE: Duration = Duration::from_secs(2);
-/// The wait queue a delivery goes to when its host or task is busy.
-const BUSY_PARK: Duration = WAIT_BUCKETS[1];
+/// Shortest and longest park of a delivery whose host or task is busy. In between, the
+/// park grows with how long the slots have been stuck, so deliveries behind a receiver
+/// that hangs for its whole timeout come back a few times, not hundreds of times.
+const BUSY_PARK_MIN: Duration = WAIT_BUCKETS[1];
+const BUSY_PARK_MAX: Duration = Duration::from_secs(30);
 /// How long an attempt in flight may finish once shutdown began before it is handed
 /// back to the queue (the consumer's drain grace is longer).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -169,12 +172,13 @@ impl Deliverer {
             }
         }
 
-        let Some(task_slot) = self
+        let task_slot = match self
             .tasks
             .acquire(d.task_id, SLOT_STALL, SLOT_PATIENCE)
             .await
-        else {
-            return self.park(&d, BUSY_PARK, "task_busy").await;
+        {
+            Ok(slot) => slot,
+            Err(busy) => return self.park(&d, busy_park(busy), "task_busy").await,
         };
         if d.event == WebhookEvent::Progress && self.finished.supersedes(d.task_id, d.occurred_at) {
             self.metrics.superseded.inc();
@@ -199,13 +203,16 @@ impl Deliverer {
                 response,
             },
             Ok((url, key)) => {
-                let Some(host_slot) = self
+                let host_slot = match self
                     .hosts
                     .acquire(host_key(&url), SLOT_STALL, SLOT_PATIENCE)
                     .await
-                else {
-                    drop(task_slot);
-                    return self.park(&d, BUSY_PARK, "host_busy").await;
+                {
+                    Ok(slot) => slot,
+                    Err(busy) => {
+                        drop(task_slot);
+                        return self.park(&d, busy_park(busy), "host_busy").await;
+                    }
                 };
                 let attempt = self.send(&d, url, &key, &shutdown).await;
                 drop(host_slot);
@@ -497,6 +504,11 @@ impl Deliverer {
     }
 }
 
+/// The wait queue for a delivery whose slots are stuck: about as long as they have been.
+fn busy_park(busy: Busy) -> Duration {
+    wait_bucket_for(busy.stalled_for.clamp(BUSY_PARK_MIN, BUSY_PARK_MAX)).unwrap_or(BUSY_PARK_MIN)
+}
+
 /// Sends the request and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
 async fn exchange(
     request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
@@ -739,6 +751,20 @@ mod tests {
         assert_eq!(host_key(&u), "example.com:443");
         let u = Url::parse("http://127.0.0.1:8080/x").unwrap();
         assert_eq!(host_key(&u), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn parks_longer_behind_a_longer_stall() {
+        let park = |ms| {
+            busy_park(Busy {
+                stalled_for: Duration::from_millis(ms),
+            })
+        };
+        assert_eq!(park(100), Duration::from_millis(250));
+        assert_eq!(park(1_200), Duration::from_secs(1));
+        assert_eq!(park(7_000), Duration::from_secs(5));
+        assert_eq!(park(29_000), Duration::from_secs(5));
+        assert_eq!(park(3_600_000), Duration::from_secs(30));
     }
 
     #[test]

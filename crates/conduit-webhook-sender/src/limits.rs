@@ -30,8 +30,17 @@ struct Inner<K> {
 
 struct Entry {
     semaphore: Arc<Semaphore>,
-    /// Milliseconds since the limiter's epoch when a slot of this key was last freed.
+    /// Milliseconds since the limiter's epoch when a slot of this key was last freed (or
+    /// the entry was created).
     released_at: AtomicU64,
+}
+
+/// The key's slots stayed full and did not move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy {
+    /// How long no slot of the key was freed: the longer, the longer a caller may wait
+    /// elsewhere before trying again.
+    pub stalled_for: Duration,
 }
 
 /// A held slot; dropping it frees the slot (and the key's entry once unused).
@@ -56,7 +65,12 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Takes a slot of `key`. Waits in steps of `stall`: while some slot of the key was
     /// freed within the last step the key is moving and the wait goes on, up to
     /// `patience` in all; a key whose slots did not move for a whole step gives `None`.
-    pub async fn acquire(&self, key: K, stall: Duration, patience: Duration) -> Option<Slot<K>> {
+    pub async fn acquire(
+        &self,
+        key: K,
+        stall: Duration,
+        patience: Duration,
+    ) -> Result<Slot<K>, Busy> {
         let entry = {
             let mut slots = lock(&self.inner.slots);
             slots
@@ -64,7 +78,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 .or_insert_with(|| {
                     Arc::new(Entry {
                         semaphore: Arc::new(Semaphore::new(self.inner.per_key)),
-                        released_at: AtomicU64::new(0),
+                        released_at: AtomicU64::new(self.inner.millis_now()),
                     })
                 })
                 .clone()
@@ -86,16 +100,22 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             }
         }
         match permit {
-            Some(permit) => Some(Slot {
+            Some(permit) => Ok(Slot {
                 permit: Some(permit),
                 entry: Some(entry),
                 key,
                 owner: self.inner.clone(),
             }),
             None => {
+                let stalled_ms = self
+                    .inner
+                    .millis_now()
+                    .saturating_sub(entry.released_at.load(Ordering::Relaxed));
                 drop(entry);
                 self.inner.forget_if_unused(&key);
-                None
+                Err(Busy {
+                    stalled_for: Duration::from_millis(stalled_ms),
+                })
             }
         }
     }
@@ -153,7 +173,8 @@ mod tests {
         let a1 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
         let a2 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
         // Both slots held and nothing moving: give up after one step.
-        assert!(limiter.acquire("a", STALL, PATIENCE).await.is_none());
+        let busy = limiter.acquire("a", STALL, PATIENCE).await.err().unwrap();
+        assert!(busy.stalled_for >= STALL);
         let b = limiter.acquire("b", STALL, PATIENCE).await.unwrap();
         assert_eq!(limiter.tracked_keys(), 2);
         drop(a1);
@@ -172,7 +193,7 @@ mod tests {
                 limiter
                     .acquire(7, Duration::from_secs(5), PATIENCE)
                     .await
-                    .is_some()
+                    .is_ok()
             })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -190,7 +211,7 @@ mod tests {
             tokio::spawn(async move {
                 let end = Instant::now() + Duration::from_millis(300);
                 while Instant::now() < end {
-                    if let Some(slot) = limiter.acquire("k", STALL, PATIENCE).await {
+                    if let Ok(slot) = limiter.acquire("k", STALL, PATIENCE).await {
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         drop(slot);
                     }
@@ -201,7 +222,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5)).await;
         // Waiting far longer than one step is fine as long as the key moves.
         let got = limiter.acquire("k", STALL, PATIENCE).await;
-        assert!(got.is_some());
+        assert!(got.is_ok());
         drop(got);
         churn.await.unwrap();
     }
