@@ -298,3 +298,39 @@ async fn a_sender_killed_during_an_attempt_loses_nothing() {
     receiver.stop().await;
     h.cleanup().await;
 }
+
+#[tokio::test]
+async fn shutdown_hands_back_an_attempt_stuck_in_a_hanging_receiver() {
+    let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,200ms")).await;
+    let receiver = Receiver::start(|n, _| {
+        if n == 0 {
+            Reply::status(200).after(Duration::from_secs(60))
+        } else {
+            Reply::status(200)
+        }
+    })
+    .await;
+    let app = h.start_app().await;
+    let d = delivery_of(&receiver.url("/hook"), &completed(Uuid::new_v4()));
+    h.publish(&d).await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    // Stops within 30 s although the attempt would hang for 60 s.
+    app.stop().await;
+    assert!(
+        h.next_outcome(Duration::from_millis(200)).await.is_none(),
+        "an abandoned attempt has no outcome"
+    );
+
+    let app = h.start_app().await;
+    let outcomes = h
+        .outcomes_until_final(&d.webhook_id, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        outcomes.last().map(|o| o.state),
+        Some(DeliveryState::Delivered)
+    );
+
+    app.stop().await;
+    receiver.stop().await;
+    h.cleanup().await;
+}
