@@ -265,3 +265,91 @@ pub fn per_second(count: usize, elapsed: Duration) -> f64 {
         0.0
     }
 }
+
+/// A bare consumer left running on `queue`: records when each message (by its AMQP
+/// `message_id`) arrived, and acks it. The broker-only baseline of the paced latency run.
+pub struct BareCollector {
+    arrivals: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl BareCollector {
+    pub async fn start(queue: &str, prefetch: u16) -> anyhow::Result<Self> {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .context("connecting the bare collector")?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "conduit-bench-collector".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .context("consuming the webhooks queue")?;
+        let arrivals = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (a, c, s) = (arrivals.clone(), count.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = consumer.next() => next,
+                    () = s.cancelled() => break,
+                };
+                let Some(Ok(delivery)) = next else { break };
+                let now = Instant::now();
+                if let Some(id) = delivery.properties.message_id() {
+                    if let Ok(mut m) = a.lock() {
+                        m.insert(id.to_string(), now);
+                    }
+                }
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+            let _ = channel.close(200, "done".into()).await;
+            let _ = conn.close(200, "done".into()).await;
+        });
+        Ok(Self {
+            arrivals,
+            count,
+            stop,
+        })
+    }
+}
+
+impl Drop for BareCollector {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Where the paced run looks for arrivals: the receiver (through the sender) or the
+/// bare collector (broker only).
+pub trait Arrivals {
+    fn count(&self) -> usize;
+    fn arrivals(&self) -> std::collections::HashMap<String, Instant>;
+}
+
+impl Arrivals for BareCollector {
+    fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn arrivals(&self) -> std::collections::HashMap<String, Instant> {
+        self.arrivals.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+impl Arrivals for crate::receiver::Receiver {
+    fn count(&self) -> usize {
+        crate::receiver::Receiver::count(self)
+    }
+    fn arrivals(&self) -> std::collections::HashMap<String, Instant> {
+        crate::receiver::Receiver::arrivals(self)
+    }
+}

@@ -47,6 +47,8 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
         date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu: cpu_model(),
+        load_before: load_average(),
+        load_after: String::new(),
         command: options.command.clone(),
         wall_seconds: 0.0,
         submit: Vec::new(),
@@ -63,6 +65,7 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
     env.clean_up().await;
     result?;
     report.wall_seconds = started.elapsed().as_secs_f64();
+    report.load_after = load_average();
     Ok(report)
 }
 
@@ -127,7 +130,6 @@ async fn run_phases(
     result
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn delivery_phases(
     options: &Options,
     sizes: &Sizes,
@@ -197,13 +199,23 @@ async fn delivery_phases(
     // 3. Paced at half the measured delivery rate.
     let pace = (one * 0.5).max(1.0);
     let healthy = Receiver::start().await?;
-    let run = paced(broker, secret, pace, sizes.paced_secs, &healthy, None).await?;
+    let run = paced(
+        broker,
+        secret,
+        pace,
+        sizes.paced_secs,
+        &healthy,
+        healthy.url("/hook"),
+        None,
+    )
+    .await?;
     let paced_p99 = run.latency.p99_ms;
     report.paced = Some(Paced {
         target_rate: pace,
         published: run.published,
         delivered: run.delivered,
         latency: run.latency,
+        broker_only: None,
     });
 
     // 4. The same with one event in five going to a receiver that hangs.
@@ -215,6 +227,7 @@ async fn delivery_phases(
         pace,
         sizes.paced_secs,
         &healthy,
+        healthy.url("/hook"),
         Some(&hanging),
     )
     .await?;
@@ -248,6 +261,25 @@ async fn delivery_phases(
         push_memory(report, &a, "7: one of two senders");
         a.stop(STOP_GRACE);
         b.stop(STOP_GRACE);
+    }
+
+    // 3, baseline: the same pace with a bare consumer in place of the sender, so the
+    // broker's (and this tool's) own share of the latency is known.
+    {
+        let collector = baseline::BareCollector::start(&queue, prefetch).await?;
+        let run = paced(
+            broker,
+            secret,
+            pace,
+            sizes.paced_secs,
+            &collector,
+            "http://127.0.0.1:9/unused".into(),
+            None,
+        )
+        .await?;
+        if let Some(p) = report.paced.as_mut() {
+            p.broker_only = Some(run.latency);
+        }
     }
 
     // 5. Render, last: nothing else runs while it measures.
@@ -455,17 +487,18 @@ struct PacedRun {
 /// Publishes webhooks at `rate` per second for `secs` (every 5 ms, the ones due), one
 /// in [`HANGING_SHARE`] to `hanging` when given; latency is from the publish call to
 /// the arrival at `healthy`.
+#[allow(clippy::too_many_arguments)]
 async fn paced(
     broker: &Broker,
     secret: &str,
     rate: f64,
     secs: u64,
-    healthy: &Receiver,
+    healthy: &dyn baseline::Arrivals,
+    healthy_url: String,
     hanging: Option<&Receiver>,
 ) -> anyhow::Result<PacedRun> {
     let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let failed = Arc::new(AtomicBool::new(false));
-    let healthy_url = healthy.url("/hook");
     let hanging_url = hanging.map(|h| h.url("/hook"));
     let total = (rate * secs as f64) as usize;
     let start = Instant::now();
@@ -593,4 +626,12 @@ fn cpu_model() -> String {
                 .map(|r| r.trim_start_matches([' ', '\t', ':']).trim().to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" / "))
+        .unwrap_or_else(|| "unknown".into())
 }

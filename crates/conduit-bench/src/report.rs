@@ -22,6 +22,10 @@ pub struct Report {
     pub date: String,
     pub cores: usize,
     pub cpu: String,
+    /// `/proc/loadavg` before and after: the machine is shared, and other work on it
+    /// moves every figure.
+    pub load_before: String,
+    pub load_after: String,
     pub command: String,
     pub wall_seconds: f64,
     pub submit: Vec<SubmitRow>,
@@ -63,6 +67,8 @@ pub struct Paced {
     pub published: usize,
     pub delivered: usize,
     pub latency: Latency,
+    /// The same pace drained by a bare consumer instead of the sender.
+    pub broker_only: Option<Latency>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,7 +118,7 @@ impl SubmitRow {
 /// One line of the targets table: (what, measured, target, met).
 fn targets(r: &Report) -> Vec<(String, String, String, Option<bool>)> {
     let mut t = Vec::new();
-    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("n/a".to_owned(), |v| f(v));
+    let opt = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("n/a".to_owned(), f);
     if let Some(row) = r.submit.first() {
         t.push((
             format!("submit rate / pgbench inserts, {} clients", row.clients),
@@ -178,9 +184,10 @@ pub fn render_markdown(r: &Report) -> String {
     let _ = writeln!(s, "{BEGIN}");
     let _ = writeln!(
         s,
-        "Measured {} on {} core(s) ({}), run by `{}` in {:.0} s. Every ratio divides a \
-         Conduit figure by a baseline measured on the same machine in the same run.\n",
-        r.date, r.cores, r.cpu, r.command, r.wall_seconds
+        "Measured {} on {} core(s) ({}), run by `{}` in {:.0} s; load average {} before, \
+         {} after. Every ratio divides a Conduit figure by a baseline measured on the same \
+         machine in the same run.\n",
+        r.date, r.cores, r.cpu, r.command, r.wall_seconds, r.load_before, r.load_after
     );
 
     let _ = writeln!(
@@ -253,6 +260,17 @@ pub fn render_markdown(r: &Report) -> String {
                 p.latency.p50_ms,
                 p.latency.p99_ms,
                 p.latency.max_ms
+            );
+        }
+        if let Some(b) = r.paced.as_ref().and_then(|p| p.broker_only) {
+            let _ = writeln!(
+                s,
+                "| baseline of 3: same pace, a bare consumer instead of the sender (publish → consumed) | {} | {} | {:.1} | {:.1} | {:.1} |",
+                r.paced.as_ref().map_or("n/a".into(), |p| f0(p.target_rate)),
+                b.samples,
+                b.p50_ms,
+                b.p99_ms,
+                b.max_ms
             );
         }
         if let Some(i) = &r.isolation {
