@@ -5,8 +5,8 @@
 
 mod bench;
 mod delivery;
-mod flask;
 mod isolation;
+mod python;
 mod retries;
 
 use std::{

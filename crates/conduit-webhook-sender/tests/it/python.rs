@@ -1,5 +1,6 @@
-//! The seed document's Flask handler, unchanged but for the secret it reads from the
-//! environment, accepts Conduit's webhooks.
+//! Python receivers: the seed document's Flask handler (unchanged but for the secret it
+//! reads from the environment) accepts Conduit's webhooks, and the reference
+//! `standardwebhooks` library verifies their signatures.
 
 use std::{process::Stdio, time::Duration};
 
@@ -123,5 +124,83 @@ async fn the_seed_flask_handler_accepts_our_webhooks() {
     app.stop().await;
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&dir);
+    h.cleanup().await;
+}
+
+/// Checks captured requests with the reference Python `standardwebhooks` library.
+const VERIFY_WITH_REFERENCE: &str = r#"
+import json, sys
+from standardwebhooks import Webhook
+cases = json.load(sys.stdin)
+for c in cases:
+    Webhook(c["secret"]).verify(c["body"].encode(), c["headers"])
+print("verified", len(cases))
+"#;
+
+#[tokio::test]
+async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
+    if !python_available() {
+        eprintln!("SKIPPED the_reference_standardwebhooks_library_verifies_our_signatures: python3 is not installed");
+        return;
+    }
+    let lib = std::process::Command::new("python3")
+        .args(["-c", "import standardwebhooks"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("python3 runs");
+    if !lib.success() {
+        eprintln!(
+            "SKIPPED the_reference_standardwebhooks_library_verifies_our_signatures: \
+             `python3 -m pip install standardwebhooks` to run it"
+        );
+        return;
+    }
+    let mut h = Harness::new(|_| {}).await;
+    let receiver = crate::Receiver::answering(200).await;
+    let app = h.start_app().await;
+    let mut ids = Vec::new();
+    for payload in [completed(Uuid::new_v4()), progress(Uuid::new_v4(), 30)] {
+        let d = delivery_of(&receiver.url("/hook"), &payload);
+        ids.push(d.webhook_id.clone());
+        h.publish(&d).await;
+    }
+    h.finals(&ids, Duration::from_secs(20)).await;
+    let cases: Vec<serde_json::Value> = receiver
+        .requests()
+        .iter()
+        .map(|r| {
+            let headers: serde_json::Map<String, serde_json::Value> = r
+                .headers
+                .iter()
+                .map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            serde_json::json!({"secret": crate::SECRET, "body": r.body, "headers": headers})
+        })
+        .collect();
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", VERIFY_WITH_REFERENCE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 starts");
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(&serde_json::to_vec(&cases).expect("cases encode"))
+            .await
+            .expect("cases written");
+    }
+    let out = child.wait_with_output().await.expect("python3 finishes");
+    assert!(
+        out.status.success(),
+        "the reference library refused our signature: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "verified 2");
+
+    app.stop().await;
+    receiver.stop().await;
     h.cleanup().await;
 }
