@@ -159,7 +159,7 @@ impl Deliverer {
     }
 
     async fn process(&self, d: WebhookDelivery, shutdown: CancellationToken) -> Disposition {
-        if let Some(not_before) = d.not_before {
+        if let Some(not_before) = self.due_at(&d) {
             let remaining = (not_before - Utc::now()).to_std().unwrap_or_default();
             if let Some(bucket) = wait_bucket_for(remaining) {
                 return self.park(&d, bucket, "scheduled").await;
@@ -234,6 +234,18 @@ impl Deliverer {
         }
         drop(task_slot);
         self.commit(&d, outcome, follow_up).await
+    }
+
+    /// When `d` may be attempted: its `not_before`, or for the first attempt of a
+    /// terminal event the schedule's first delay after the event (usually zero).
+    fn due_at(&self, d: &WebhookDelivery) -> Option<DateTime<Utc>> {
+        if d.not_before.is_some() || d.attempts_made > 0 || !d.event.is_terminal() {
+            return d.not_before;
+        }
+        let first = self.ladder.first_delay().filter(|delay| !delay.is_zero())?;
+        chrono::Duration::from_std(first)
+            .ok()
+            .map(|delay| d.occurred_at + delay)
     }
 
     /// The URL (checked by the guard) and signing key, or why nothing can be sent.

@@ -37,6 +37,11 @@ impl RetryLadder {
         u32::try_from(self.schedule.attempts()).unwrap_or(u32::MAX)
     }
 
+    /// The delay before the first attempt, counted from the event (usually zero).
+    pub fn first_delay(&self) -> Option<Duration> {
+        self.schedule.delay_before(1)
+    }
+
     /// The delay before attempt `attempts_made + 1` after `attempts_made` failed ones.
     /// `jitter_fraction` in `[0, 1]` picks the share of [`MAX_JITTER`] to add; the
     /// `retry_after` a receiver asked for is a lower bound.
@@ -106,6 +111,7 @@ mod tests {
     fn follows_the_default_schedule_then_stops() {
         let l = ladder(conduit_core::config::DEFAULT_RETRY_SCHEDULE);
         assert_eq!(l.attempts(), 8);
+        assert_eq!(l.first_delay(), Some(Duration::ZERO));
         assert_eq!(l.next(0, 0.0, None), NextAttempt::After(Duration::ZERO));
         assert_eq!(
             l.next(1, 0.0, None),

@@ -334,3 +334,22 @@ async fn shutdown_hands_back_an_attempt_stuck_in_a_hanging_receiver() {
     receiver.stop().await;
     h.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_first_delay_of_the_schedule_counts_from_the_event() {
+    let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("1s,100ms")).await;
+    let receiver = Receiver::answering(200).await;
+    let app = h.start_app().await;
+
+    let d = delivery_of(&receiver.url("/hook"), &completed(Uuid::new_v4()));
+    h.publish(&d).await;
+    let outcomes = h
+        .outcomes_until_final(&d.webhook_id, Duration::from_secs(20))
+        .await;
+    assert_eq!(outcomes.len(), 1);
+    assert!(outcomes[0].attempted_at - d.occurred_at >= chrono::Duration::milliseconds(1_000));
+
+    app.stop().await;
+    receiver.stop().await;
+    h.cleanup().await;
+}
