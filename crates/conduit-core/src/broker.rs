@@ -34,6 +34,16 @@ use crate::{config::AmqpSettings, topology::Topology};
 /// How long a handler may take to hand its delivery back once shutdown began.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
+/// How long a publish may wait for the broker to take and confirm its messages. A
+/// broker that is blocked (memory or disk alarm) or a connection that dies without lapin
+/// noticing would otherwise hold the caller forever; past this the caller sees an error
+/// and republishes later (consumers drop duplicates by id).
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the connection may stay not ready (lapin still recovering) before it is
+/// dropped and a fresh one opened.
+const STUCK_RECOVERY: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 struct Live {
     conn: Arc<Connection>,
@@ -161,13 +171,13 @@ impl Broker {
         &self.inner.topology
     }
 
-    /// True while the connection to the broker is up.
+    /// True while the connection to the broker is up and messages can be published.
     pub fn is_ready(&self) -> bool {
         self.inner
             .live
             .borrow()
             .as_ref()
-            .is_some_and(|l| l.conn.status().connected())
+            .is_some_and(|l| healthy(&l.conn, &l.publish))
     }
 
     /// Waits until a connection exists (it may still be recovering).
@@ -179,6 +189,24 @@ impl Broker {
             .map_err(|_| anyhow!("broker connection supervisor stopped"))?;
         live.clone()
             .ok_or_else(|| anyhow!("broker connection not established"))
+    }
+
+    /// Resolves once the supervisor dropped `current` (for a new connection or none).
+    async fn replaced(&self, current: &Live) {
+        let mut rx = self.inner.live.clone();
+        loop {
+            let same = rx
+                .borrow_and_update()
+                .as_ref()
+                .is_some_and(|l| Arc::ptr_eq(&l.conn, &current.conn));
+            if !same {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // The supervisor is gone (runtime shutting down): nothing will change.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Waits for a connection for at most `timeout`.
@@ -200,7 +228,8 @@ impl Broker {
 
     /// Publishes all messages back to back, then waits for every confirm. Succeeds only
     /// if the broker took every one of them; a caller that sees an error republishes
-    /// the batch (consumers drop duplicates by id).
+    /// the batch (consumers drop duplicates by id). Never waits longer than
+    /// [`CONFIRM_TIMEOUT`] for the broker.
     pub async fn publish_batch(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
         if messages.is_empty() {
             return Ok(());
@@ -208,6 +237,17 @@ impl Broker {
         if !self.is_ready() {
             bail!("RabbitMQ is not connected");
         }
+        tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_and_confirm(messages))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "RabbitMQ did not confirm {} message(s) within {CONFIRM_TIMEOUT:?}",
+                    messages.len()
+                )
+            })?
+    }
+
+    async fn publish_and_confirm(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
         let live = self.live().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
@@ -279,7 +319,17 @@ impl Broker {
                 live = self.live() => live?,
                 () = shutdown.cancelled() => break,
             };
-            let (channel, mut consumer) = match self.open_consumer(&live, &source, limits).await {
+            // Bounded: on a connection whose recovery is stuck, opening a channel never
+            // completes until the supervisor replaces it.
+            let opening = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.open_consumer(&live, &source, limits),
+            );
+            let opened = tokio::select! {
+                opened = opening => opened.unwrap_or_else(|_| Err(anyhow!("timed out opening the consumer"))),
+                () = shutdown.cancelled() => break 'session,
+            };
+            let (channel, mut consumer) = match opened {
                 Ok(opened) => opened,
                 Err(err) => {
                     warn!(queue = %label, error = %format!("{err:#}"), "cannot consume yet; retrying");
@@ -298,15 +348,27 @@ impl Broker {
                 let next = tokio::select! {
                     next = consumer.next() => next,
                     () = shutdown.cancelled() => {
-                        let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                        let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
                         break 'session;
+                    }
+                    () = self.replaced(&live) => {
+                        warn!(queue = %label, "RabbitMQ connection replaced; consuming on the new one");
+                        continue 'session;
                     }
                 };
                 let delivery = match next {
                     Some(Ok(delivery)) => delivery,
                     Some(Err(err)) => {
                         warn!(queue = %label, error = %err, "consumer interrupted; waiting for recovery");
-                        if channel.wait_for_recovery(err).await.is_ok() {
+                        // A recovery that never completes ends with the supervisor
+                        // replacing the connection.
+                        let recovered = tokio::select! {
+                            r = channel.wait_for_recovery(err) => r.is_ok(),
+                            () = self.replaced(&live) => false,
+                            () = shutdown.cancelled() => break 'session,
+                        };
+                        if recovered {
                             continue;
                         }
                         continue 'session;
@@ -362,9 +424,17 @@ impl Broker {
         let (queue, no_ack) = match source {
             Source::Queue(route) => (self.inner.topology.queue(route), false),
             Source::Control => {
-                let q = channel
+                // Named here, not by the server: lapin's recovery re-declares every queue
+                // of a channel by name, and the broker refuses a client declaring an
+                // `amq.gen-*` name, which would leave the recovery half done.
+                let name = format!(
+                    "{}.{}",
+                    self.inner.topology.control_exchange(),
+                    Uuid::new_v4().simple()
+                );
+                channel
                     .queue_declare(
-                        "".into(),
+                        name.as_str().into(),
                         QueueDeclareOptions {
                             exclusive: true,
                             auto_delete: true,
@@ -374,7 +444,6 @@ impl Broker {
                     )
                     .await
                     .context("declaring control queue")?;
-                let name = q.name().to_string();
                 channel
                     .queue_bind(
                         name.as_str().into(),
@@ -446,9 +515,20 @@ async fn settle(delivery: &lapin::message::Delivery, disposition: Disposition) {
                 .await
         }
     };
-    if let Err(err) = result {
-        // The channel died with the delivery; the broker hands it out again.
-        warn!(error = %err, ?disposition, "could not settle delivery; the broker will redeliver it");
+    match result {
+        Ok(true) => {}
+        // lapin poisons the ackers of a channel that closed or was recovered: the
+        // delivery tag means nothing on the new channel, and the broker already took the
+        // delivery back and hands it out again.
+        Ok(false) => {
+            warn!(
+                ?disposition,
+                "delivery's channel was lost before settling; the broker will redeliver it"
+            );
+        }
+        Err(err) => {
+            warn!(error = %err, ?disposition, "could not settle delivery; the broker will redeliver it");
+        }
     }
 }
 
@@ -531,6 +611,12 @@ fn properties(m: &Outgoing) -> BasicProperties {
     props
 }
 
+/// The connection is up and the publish channel is usable (lapin recovers channels one
+/// by one after the connection, and a channel the broker closed never comes back).
+fn healthy(conn: &Connection, publish: &Channel) -> bool {
+    conn.status().connected() && publish.status().connected()
+}
+
 async fn supervise(
     url: String,
     name: String,
@@ -549,15 +635,23 @@ async fn supervise(
             Ok(live) => {
                 info!(connection = %name, "connected to RabbitMQ");
                 let conn = live.conn.clone();
+                let publish = live.publish.clone();
                 tx.send_replace(Some(live));
                 delay = Duration::from_millis(100);
-                // lapin recovers the connection by itself; only a connection it gave up on
-                // is replaced here.
+                // lapin recovers the connection by itself. Replaced here is a connection
+                // it gave up on, and one whose recovery got stuck: lapin stops replaying
+                // channels at the first one that fails, leaving the rest (the publish
+                // channel, consumers) waiting forever on a connection that looks alive.
+                let mut unhealthy_since: Option<tokio::time::Instant> = None;
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
                         () = shutdown.cancelled() => {
-                            let _ = conn.close(200, "shutting down".into()).await;
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                conn.close(200, "shutting down".into()),
+                            )
+                            .await;
                             return;
                         }
                     }
@@ -566,7 +660,27 @@ async fn supervise(
                         warn!(connection = %name, "RabbitMQ connection lost for good; reconnecting");
                         break;
                     }
+                    if healthy(&conn, &publish) {
+                        unhealthy_since = None;
+                    } else if unhealthy_since
+                        .get_or_insert_with(tokio::time::Instant::now)
+                        .elapsed()
+                        > STUCK_RECOVERY
+                    {
+                        warn!(connection = %name, "RabbitMQ connection did not recover; replacing it");
+                        break;
+                    }
                 }
+                // Publishers fail fast and consumers wait for the new connection instead
+                // of working on the old one.
+                tx.send_replace(None);
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        conn.close(200, "replaced".into()),
+                    )
+                    .await;
+                });
             }
             Err(err) => {
                 warn!(connection = %name, error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ not reachable");

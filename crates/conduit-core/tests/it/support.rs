@@ -22,6 +22,15 @@ pub struct Namespace {
 
 impl Namespace {
     pub fn new() -> Self {
+        // The broker's warnings (recoveries, unsettled deliveries) go to the test's own
+        // output, shown when it fails; `RUST_LOG` picks the level.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "conduit_core=info".into()),
+            )
+            .try_init();
         Self {
             settings: testing::settings(Service::Generator),
         }
