@@ -161,6 +161,8 @@ async fn delivery_phases(
     let mut sender = env.spawn("conduit-webhook-sender", 0, &[])?;
     sender.wait_ready(READY).await?;
     let one = drain_rate(&receiver, n, sizes.drain_timeout, report, "one sender").await;
+    push_memory(report, &sender, "2: draining the queued webhooks");
+    sender.stop(STOP_GRACE);
 
     // 2c. wrk against a receiver of its own, same body.
     let wrk = if baseline::have("wrk") {
@@ -196,8 +198,28 @@ async fn delivery_phases(
         ratio_wrk: ratio(one, wrk),
     });
 
-    // 3. Paced at half the measured delivery rate.
+    // 3. Paced at half the measured delivery rate; first its broker-only baseline,
+    // right before it, so both see the same machine.
     let pace = (one * 0.5).max(1.0);
+    // The same pace with a bare consumer in place of the sender, so the broker's (and
+    // this tool's) own share of the latency is known.
+    let broker_only = {
+        let collector = baseline::BareCollector::start(&queue, prefetch).await?;
+        let run = paced(
+            broker,
+            secret,
+            pace,
+            sizes.paced_secs,
+            &collector,
+            "http://127.0.0.1:9/unused".into(),
+            None,
+        )
+        .await?;
+        Some(run.latency)
+    };
+
+    let mut sender = env.spawn("conduit-webhook-sender", 3, &[])?;
+    sender.wait_ready(READY).await?;
     let healthy = Receiver::start().await?;
     let run = paced(
         broker,
@@ -215,7 +237,7 @@ async fn delivery_phases(
         published: run.published,
         delivered: run.delivered,
         latency: run.latency,
-        broker_only: None,
+        broker_only,
     });
 
     // 4. The same with one event in five going to a receiver that hangs.
@@ -240,7 +262,7 @@ async fn delivery_phases(
         healthy: run.latency,
         p99_ratio: ratio(run.latency.p99_ms, Some(paced_p99)),
     });
-    push_memory(report, &sender, "2–4: delivery, paced and isolation runs");
+    push_memory(report, &sender, "3–4: paced and isolation runs");
     sender.stop(STOP_GRACE);
     drop(hanging);
 
@@ -261,25 +283,6 @@ async fn delivery_phases(
         push_memory(report, &a, "7: one of two senders");
         a.stop(STOP_GRACE);
         b.stop(STOP_GRACE);
-    }
-
-    // 3, baseline: the same pace with a bare consumer in place of the sender, so the
-    // broker's (and this tool's) own share of the latency is known.
-    {
-        let collector = baseline::BareCollector::start(&queue, prefetch).await?;
-        let run = paced(
-            broker,
-            secret,
-            pace,
-            sizes.paced_secs,
-            &collector,
-            "http://127.0.0.1:9/unused".into(),
-            None,
-        )
-        .await?;
-        if let Some(p) = report.paced.as_mut() {
-            p.broker_only = Some(run.latency);
-        }
     }
 
     // 5. Render, last: nothing else runs while it measures.
