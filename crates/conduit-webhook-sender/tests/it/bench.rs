@@ -69,14 +69,61 @@ async fn drain_rate() {
     stop.cancel();
     let _ = consumer.await;
 
+    // The same consumer doing one plain POST per message: the HTTP floor.
     preload(&h, &url).await;
+    let posted = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let started = Instant::now();
+    let consumer = {
+        let broker = h.broker.clone();
+        let posted = posted.clone();
+        let stop = stop.clone();
+        let client = reqwest::Client::new();
+        let url = url.clone();
+        tokio::spawn(async move {
+            broker
+                .consume(
+                    Source::Queue(route::WEBHOOKS.into()),
+                    ConsumeLimits {
+                        prefetch: 512,
+                        concurrency: 512,
+                    },
+                    stop,
+                    move |incoming, _| {
+                        let request = client.post(&url).body(incoming.body).send();
+                        let posted = posted.clone();
+                        async move {
+                            if let Ok(r) = request.await {
+                                let _ = r.bytes().await;
+                            }
+                            posted.fetch_add(1, Ordering::Relaxed);
+                            Disposition::Ack
+                        }
+                    },
+                )
+                .await
+        })
+    };
+    while posted.load(Ordering::Relaxed) < N {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let plain_post = N as f64 / started.elapsed().as_secs_f64();
+    stop.cancel();
+    let _ = consumer.await;
+
+    preload(&h, &url).await;
+    let before = receiver.requests().len();
     let started = Instant::now();
     let app = h.start_app().await;
-    receiver.wait_for(N, Duration::from_secs(600)).await;
+    receiver
+        .wait_for(before + N, Duration::from_secs(600))
+        .await;
     let sender = N as f64 / started.elapsed().as_secs_f64();
     println!(
-        "bare consumer: {bare:.0} msg/s; sender: {sender:.0} webhooks/s ({:.2} of bare)",
-        sender / bare
+        "bare consumer: {bare:.0} msg/s; consumer with a plain POST: {plain_post:.0} msg/s; \
+         sender: {sender:.0} webhooks/s ({:.2} of bare, {:.2} of plain POST)",
+        sender / bare,
+        sender / plain_post
     );
 
     app.stop().await;
