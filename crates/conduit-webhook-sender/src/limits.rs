@@ -84,19 +84,25 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 .clone()
         };
         let started = Instant::now();
-        let mut permit = entry.semaphore.clone().try_acquire_owned().ok();
-        while permit.is_none() {
-            permit = tokio::time::timeout(stall, entry.semaphore.clone().acquire_owned())
-                .await
-                .ok()
-                .and_then(Result::ok);
-            let moving = self
-                .inner
+        let stall_ms = u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
+        let stalled = |entry: &Entry| {
+            self.inner
                 .millis_now()
                 .saturating_sub(entry.released_at.load(Ordering::Relaxed))
-                <= u64::try_from(stall.as_millis()).unwrap_or(u64::MAX);
-            if permit.is_none() && (!moving || started.elapsed() >= patience) {
-                break;
+                > stall_ms
+        };
+        let mut permit = entry.semaphore.clone().try_acquire_owned().ok();
+        // A key already known to be stuck is not waited for at all: the caller parks at
+        // once instead of holding its slot for a step.
+        if permit.is_none() && !stalled(&entry) {
+            loop {
+                permit = tokio::time::timeout(stall, entry.semaphore.clone().acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+                if permit.is_some() || stalled(&entry) || started.elapsed() >= patience {
+                    break;
+                }
             }
         }
         match permit {
@@ -172,9 +178,12 @@ mod tests {
         let limiter = KeyedLimiter::new(2);
         let a1 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
         let a2 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
-        // Both slots held and nothing moving: give up after one step.
+        // Both slots held and nothing moving: give up after one step...
         let busy = limiter.acquire("a", STALL, PATIENCE).await.err().unwrap();
         assert!(busy.stalled_for >= STALL);
+        // ...and at once now that the key is known to be stuck.
+        let at_once = futures::FutureExt::now_or_never(limiter.acquire("a", STALL, PATIENCE));
+        assert!(matches!(at_once, Some(Err(_))));
         let b = limiter.acquire("b", STALL, PATIENCE).await.unwrap();
         assert_eq!(limiter.tracked_keys(), 2);
         drop(a1);
