@@ -215,7 +215,15 @@ impl Deliverer {
                     }
                 };
                 let attempt = self.send(&d, url, &key, &shutdown).await;
-                drop(host_slot);
+                match &attempt {
+                    // No answer: the host is no less stuck than before this request.
+                    Some(Attempt {
+                        response: Response::Failed { .. },
+                        ..
+                    })
+                    | None => host_slot.release_stuck(),
+                    Some(_) => drop(host_slot),
+                }
                 match attempt {
                     Some(a) => a,
                     // Shutdown interrupted the request: another process tries again.

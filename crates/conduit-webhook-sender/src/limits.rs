@@ -46,6 +46,8 @@ pub struct Busy {
 /// A held slot; dropping it frees the slot (and the key's entry once unused).
 pub struct Slot<K: Hash + Eq + Clone> {
     permit: Option<OwnedSemaphorePermit>,
+    /// Whether freeing this slot shows the key is moving (false after a timeout).
+    progressed: bool,
     entry: Option<Arc<Entry>>,
     key: K,
     owner: Arc<Inner<K>>,
@@ -108,6 +110,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         match permit {
             Some(permit) => Ok(Slot {
                 permit: Some(permit),
+                progressed: true,
                 entry: Some(entry),
                 key,
                 owner: self.inner.clone(),
@@ -148,12 +151,22 @@ impl<K: Hash + Eq> Inner<K> {
     }
 }
 
+impl<K: Hash + Eq + Clone> Slot<K> {
+    /// Frees the slot without counting it as progress: a request that timed out or got
+    /// no answer says the key is still stuck, so waiters keep parking.
+    pub fn release_stuck(mut self) {
+        self.progressed = false;
+    }
+}
+
 impl<K: Hash + Eq + Clone> Drop for Slot<K> {
     fn drop(&mut self) {
         if let Some(entry) = self.entry.take() {
-            entry
-                .released_at
-                .store(self.owner.millis_now(), Ordering::Relaxed);
+            if self.progressed {
+                entry
+                    .released_at
+                    .store(self.owner.millis_now(), Ordering::Relaxed);
+            }
             drop(self.permit.take());
             drop(entry);
         }
@@ -189,6 +202,27 @@ mod tests {
         drop(a1);
         let a3 = limiter.acquire("a", STALL, PATIENCE).await.unwrap();
         drop((a2, a3, b));
+        assert_eq!(limiter.tracked_keys(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_without_progress_leaves_the_key_stuck() {
+        let limiter = KeyedLimiter::new(2);
+        let a = limiter.acquire("h", STALL, PATIENCE).await.unwrap();
+        let b = limiter.acquire("h", STALL, PATIENCE).await.unwrap();
+        tokio::time::sleep(STALL * 2).await;
+        // A timed-out request frees its slot, but the host is still stuck: with the
+        // slots full again, the next caller is told at once.
+        a.release_stuck();
+        let c = limiter.acquire("h", STALL, PATIENCE).await.unwrap();
+        let told = futures::FutureExt::now_or_never(limiter.acquire("h", STALL, PATIENCE));
+        assert!(matches!(told, Some(Err(_))));
+        // An answered request shows it moving: the next caller waits for a slot.
+        drop(c);
+        let d = limiter.acquire("h", STALL, PATIENCE).await.unwrap();
+        let waits = futures::FutureExt::now_or_never(limiter.acquire("h", STALL, PATIENCE));
+        assert!(waits.is_none(), "a moving key is waited for");
+        drop((b, d));
         assert_eq!(limiter.tracked_keys(), 0);
     }
 
