@@ -40,10 +40,6 @@ const DRAIN_GRACE: Duration = Duration::from_secs(20);
 /// and republishes later (consumers drop duplicates by id).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long the connection may stay not ready (lapin still recovering) before it is
-/// dropped and a fresh one opened.
-const STUCK_RECOVERY: Duration = Duration::from_secs(30);
-
 #[derive(Clone)]
 struct Live {
     conn: Arc<Connection>,
@@ -635,14 +631,12 @@ async fn supervise(
             Ok(live) => {
                 info!(connection = %name, "connected to RabbitMQ");
                 let conn = live.conn.clone();
-                let publish = live.publish.clone();
                 tx.send_replace(Some(live));
                 delay = Duration::from_millis(100);
-                // lapin recovers the connection by itself. Replaced here is a connection
-                // it gave up on, and one whose recovery got stuck: lapin stops replaying
-                // channels at the first one that fails, leaving the rest (the publish
-                // channel, consumers) waiting forever on a connection that looks alive.
-                let mut unhealthy_since: Option<tokio::time::Instant> = None;
+                // lapin recovers the connection by itself; only a connection it gave up on
+                // is replaced here. (A recovery that stalls part-way is not: closing or
+                // replacing such a connection was seen to block the runtime inside lapin,
+                // so it only shows as `is_ready()` false.)
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -658,16 +652,6 @@ async fn supervise(
                     let status = conn.status();
                     if status.closed() || (status.errored() && !status.reconnecting()) {
                         warn!(connection = %name, "RabbitMQ connection lost for good; reconnecting");
-                        break;
-                    }
-                    if healthy(&conn, &publish) {
-                        unhealthy_since = None;
-                    } else if unhealthy_since
-                        .get_or_insert_with(tokio::time::Instant::now)
-                        .elapsed()
-                        > STUCK_RECOVERY
-                    {
-                        warn!(connection = %name, "RabbitMQ connection did not recover; replacing it");
                         break;
                     }
                 }
