@@ -126,9 +126,11 @@ async fn progress_webhooks_arrive_before_the_terminal_one() {
         .submit_ok(&json!({
             "model": "local-video",
             "prompt": "A slow sunrise over a quiet harbour, seen from a hill",
-            "duration": 8,
-            "size": "640x360",
-            "fps": 24,
+            // 900 frames at 720p take seconds even in an optimised build: a render
+            // that finishes within a second may send no progress at all.
+            "duration": 30,
+            "size": "1280x720",
+            "fps": 30,
             "webhook_url": receiver.url("/hook"),
         }))
         .await;
@@ -218,7 +220,7 @@ async fn a_task_past_its_timeout_fails_with_a_clear_error() {
             "model": "local-video",
             "prompt": "Too long for its timeout",
             "duration": 60,
-            "size": "1920x1080",
+            "size": "1280x720",
             "webhook_url": receiver.url("/hook"),
             "webhook_events": ["failed"],
         }))
