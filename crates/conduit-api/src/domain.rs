@@ -9,7 +9,11 @@ use std::{
     time::Duration,
 };
 
-use conduit_core::{config::Settings, netguard::is_forbidden_ip, payload::WebhookEvent};
+use conduit_core::{
+    config::{ModelSettings, Settings},
+    netguard::is_forbidden_ip,
+    payload::WebhookEvent,
+};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use url::{Host, Url};
@@ -53,6 +57,9 @@ pub struct ModelEntry {
     pub max_duration: Option<u32>,
     /// The setting that must be set before the model can be used, when it is not.
     pub missing_setting: Option<String>,
+    /// The model's configured limits (durations, sizes, resolutions), checked at submit.
+    #[serde(skip)]
+    pub settings: ModelSettings,
 }
 
 impl ModelEntry {
@@ -95,6 +102,7 @@ impl ModelCatalog {
                     upstream_model: m.upstream_model.clone(),
                     max_duration: m.max_duration,
                     missing_setting,
+                    settings: m.clone(),
                 };
                 (id.clone(), entry)
             })
@@ -402,14 +410,6 @@ impl GenerationRequest {
                 .ok_or_else(|| FieldError::invalid("prompt", "prompt must be a string"))?,
         )?;
         let duration = int_in(obj, "duration", 1, MAX_DURATION, DEFAULT_DURATION)?;
-        if let Some(max) = model.max_duration {
-            if duration > max {
-                return Err(FieldError::invalid(
-                    "duration",
-                    format!("duration must be at most {max} seconds for model {model_id}"),
-                ));
-            }
-        }
         let size = match present(obj, "size") {
             None => FrameSize {
                 width: DEFAULT_SIZE.0,
@@ -419,6 +419,12 @@ impl GenerationRequest {
                 FieldError::invalid("size", "size must be a string such as \"1280x720\"")
             })?)?,
         };
+        // What the model itself can make: its maximum and exact durations, its sizes or
+        // its resolutions (MiniMax: the size's height picks 512P, 768P or 1080P).
+        model
+            .settings
+            .check_request(model_id, duration, size.width, size.height)
+            .map_err(|limit| FieldError::invalid(limit.param, limit.message))?;
         let fps = int_in(obj, "fps", 1, 60, DEFAULT_FPS)?;
         let seed = match present(obj, "seed") {
             None => None,
@@ -639,6 +645,45 @@ mod tests {
             (e.code, e.param.as_str()),
             (FieldCode::InvalidValue, "duration")
         );
+    }
+
+    #[test]
+    fn minimax_refuses_what_hailuo_cannot_make() {
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.minimax.api_key = Some(conduit_core::Secret::new("k"));
+        let cat = ModelCatalog::from_settings(&s);
+        let parse = |duration: i64, size: &str| {
+            let b = json!({"model": "minimax-video", "prompt": "p", "duration": duration, "size": size});
+            GenerationRequest::parse(&b, &cat)
+        };
+        // The defaults (6 s, 1280x720 → 768P) work, and so do the documented combinations.
+        assert!(
+            GenerationRequest::parse(&json!({"model": "minimax-video", "prompt": "p"}), &cat)
+                .is_ok()
+        );
+        for (duration, size) in [
+            (6, "640x360"),
+            (10, "912x512"),
+            (10, "1366x768"),
+            (6, "1920x1080"),
+        ] {
+            assert!(parse(duration, size).is_ok(), "{duration} s at {size}");
+        }
+        for (duration, size, param, words) in [
+            (8, "1280x720", "duration", "6 or 10"),
+            (10, "1920x1080", "duration", "at most 6 seconds"),
+            (6, "2560x1440", "size", "at most 1080 high"),
+            (6, "720x1280", "size", "wider than tall"),
+        ] {
+            let e = parse(duration, size).unwrap_err();
+            assert_eq!(
+                (e.code, e.param.as_str()),
+                (FieldCode::InvalidValue, param),
+                "{size}"
+            );
+            assert!(e.message.contains(words), "{}", e.message);
+            assert!(e.message.contains("minimax-video"), "{}", e.message);
+        }
     }
 
     #[test]

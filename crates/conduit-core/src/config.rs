@@ -151,6 +151,132 @@ pub struct ModelSettings {
     /// Longest duration in seconds the model accepts (the API refuses more).
     #[serde(default)]
     pub max_duration: Option<u32>,
+    /// The only durations, in seconds, the model can make (MiniMax Hailuo: 6 and 10).
+    #[serde(default)]
+    pub durations: Option<Vec<u32>>,
+    /// The only sizes the model can make, exactly as `WIDTHxHEIGHT` (`sora-2`: `1280x720`, `720x1280`).
+    #[serde(default)]
+    pub sizes: Option<Vec<String>>,
+    /// The output resolutions of a model that takes a resolution name rather than a size
+    /// (MiniMax: `512P`, `768P`, `1080P`). A request's size picks the smallest one at
+    /// least as tall as the size's height; these models render landscape frames only.
+    #[serde(default)]
+    pub resolutions: Option<Vec<ResolutionTier>>,
+}
+
+/// One output resolution of a model, such as MiniMax's `768P`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ResolutionTier {
+    /// The name the provider expects (`768P`).
+    pub name: String,
+    /// Frame height in pixels (768).
+    pub height: u32,
+    /// Longest duration the model makes at this resolution, when shorter than its others
+    /// (MiniMax Hailuo makes 1080P videos of 6 seconds only).
+    #[serde(default)]
+    pub max_duration: Option<u32>,
+}
+
+/// Why a model cannot make what a request asks for: the request field at fault and a
+/// message for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelLimit {
+    pub param: &'static str,
+    pub message: String,
+}
+
+fn list<T: fmt::Display>(items: &[T]) -> String {
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    match items.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+impl ModelSettings {
+    /// The resolution a `width`x`height` request maps to: the smallest tier at least as
+    /// tall as `height`, for a landscape size. `None` when the model has no tiers or none fits.
+    pub fn resolution_for(&self, width: u32, height: u32) -> Option<&ResolutionTier> {
+        if width <= height {
+            return None;
+        }
+        self.resolutions
+            .as_deref()?
+            .iter()
+            .filter(|tier| tier.height >= height)
+            .min_by_key(|tier| tier.height)
+    }
+
+    /// Checks that the model can make a video of `duration` seconds at `width`x`height`;
+    /// `model` names it in the message.
+    pub fn check_request(
+        &self,
+        model: &str,
+        duration: u32,
+        width: u32,
+        height: u32,
+    ) -> Result<(), ModelLimit> {
+        if let Some(max) = self.max_duration {
+            if duration > max {
+                return Err(ModelLimit {
+                    param: "duration",
+                    message: format!("duration must be at most {max} seconds for model {model}"),
+                });
+            }
+        }
+        if let Some(durations) = self.durations.as_deref().filter(|d| !d.is_empty()) {
+            if !durations.contains(&duration) {
+                return Err(ModelLimit {
+                    param: "duration",
+                    message: format!(
+                        "duration must be {} seconds for model {model} (got {duration})",
+                        list(durations)
+                    ),
+                });
+            }
+        }
+        let size = format!("{width}x{height}");
+        if let Some(sizes) = self.sizes.as_deref().filter(|s| !s.is_empty()) {
+            if !sizes.iter().any(|s| s.eq_ignore_ascii_case(&size)) {
+                return Err(ModelLimit {
+                    param: "size",
+                    message: format!(
+                        "size must be {} for model {model} (got {size:?})",
+                        list(sizes)
+                    ),
+                });
+            }
+        }
+        if let Some(tiers) = self.resolutions.as_deref().filter(|t| !t.is_empty()) {
+            let names: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
+            let tallest = tiers.iter().map(|t| t.height).max().unwrap_or(0);
+            let Some(tier) = self.resolution_for(width, height) else {
+                return Err(ModelLimit {
+                    param: "size",
+                    message: format!(
+                        "size {size:?} is not available for model {model}: it renders landscape videos at {} \
+                         (the size's height picks the resolution), so the size must be wider than tall \
+                         and at most {tallest} high",
+                        list(&names)
+                    ),
+                });
+            };
+            if let Some(max) = tier.max_duration {
+                if duration > max {
+                    return Err(ModelLimit {
+                        param: "duration",
+                        message: format!(
+                            "model {model} renders size {size:?} at {}, which allows at most {max} seconds \
+                             (got {duration}); ask for a shorter duration or a smaller size",
+                            tier.name
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -279,6 +405,17 @@ impl Settings {
     }
 }
 
+/// A default [`ResolutionTier`] as a configuration value.
+fn tier(name: &str, height: u32, max_duration: Option<u32>) -> config::Value {
+    let mut t = config::Map::<String, config::Value>::new();
+    t.insert("name".into(), name.into());
+    t.insert("height".into(), height.into());
+    if let Some(max) = max_duration {
+        t.insert("max_duration".into(), max.into());
+    }
+    t.into()
+}
+
 fn defaults(
     service: Service,
 ) -> anyhow::Result<config::ConfigBuilder<config::builder::DefaultState>> {
@@ -308,11 +445,24 @@ fn defaults(
         .set_default("models.minimax-video.provider", "minimax")?
         .set_default("models.minimax-video.upstream_model", "MiniMax-Hailuo-02")?
         .set_default("models.minimax-video.max_duration", 10)?
+        .set_default("models.minimax-video.durations", vec![6, 10])?
+        .set_default(
+            "models.minimax-video.resolutions",
+            vec![
+                tier("512P", 512, None),
+                tier("768P", 768, None),
+                tier("1080P", 1080, Some(6)),
+            ],
+        )?
         .set_default("models.openai-video.provider", "openai")?
         .set_default("models.openai-video.upstream_model", "sora-2")?
         .set_default("models.openai-video.max_duration", 12)?
+        .set_default("models.openai-video.durations", vec![4, 8, 12])?
+        .set_default("models.openai-video.sizes", vec!["1280x720", "720x1280"])?
         .set_default("models.replicate-video.provider", "replicate")?
         .set_default("models.replicate-video.upstream_model", "minimax/video-01")?
+        .set_default("models.replicate-video.durations", vec![6])?
+        .set_default("models.replicate-video.sizes", vec!["1280x720"])?
         .set_default("log.format", "json")?
         .set_default("log.level", "info")?;
     Ok(b)
@@ -343,6 +493,98 @@ mod tests {
     fn secrets_are_not_printed() {
         let s = Secret::new("condt_very_secret");
         assert_eq!(format!("{s:?}"), "Secret(***)");
+    }
+
+    fn model(settings: &Settings, id: &str) -> ModelSettings {
+        settings.models.get(id).cloned().unwrap()
+    }
+
+    #[test]
+    fn minimax_limits_map_size_to_resolution_by_height() {
+        let s: Settings = defaults(Service::Api)
+            .unwrap()
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let m = model(&s, "minimax-video");
+        let name = |w, h| m.resolution_for(w, h).map(|t| t.name.clone());
+        assert_eq!(name(640, 360).as_deref(), Some("512P"));
+        assert_eq!(name(912, 512).as_deref(), Some("512P"));
+        assert_eq!(name(1280, 720).as_deref(), Some("768P"));
+        assert_eq!(name(1366, 768).as_deref(), Some("768P"));
+        assert_eq!(name(1920, 1080).as_deref(), Some("1080P"));
+        assert_eq!(name(3840, 2160), None);
+        assert_eq!(name(720, 1280), None);
+        assert_eq!(name(512, 512), None);
+
+        assert!(m.check_request("minimax-video", 6, 1280, 720).is_ok());
+        assert!(m.check_request("minimax-video", 10, 1280, 720).is_ok());
+        assert!(m.check_request("minimax-video", 10, 640, 360).is_ok());
+        assert!(m.check_request("minimax-video", 6, 1920, 1080).is_ok());
+        let e = m
+            .check_request("minimax-video", 10, 1920, 1080)
+            .unwrap_err();
+        assert_eq!(e.param, "duration");
+        assert!(
+            e.message.contains("1080P") && e.message.contains("6 seconds"),
+            "{}",
+            e.message
+        );
+        let e = m.check_request("minimax-video", 8, 1280, 720).unwrap_err();
+        assert_eq!(e.param, "duration");
+        assert!(e.message.contains("6 or 10"), "{}", e.message);
+        let e = m.check_request("minimax-video", 6, 720, 1280).unwrap_err();
+        assert_eq!(e.param, "size");
+        assert!(e.message.contains("512P, 768P or 1080P"), "{}", e.message);
+        assert_eq!(
+            m.check_request("minimax-video", 6, 2560, 1440)
+                .unwrap_err()
+                .param,
+            "size"
+        );
+    }
+
+    #[test]
+    fn sized_models_take_only_their_sizes_and_durations() {
+        let s: Settings = defaults(Service::Api)
+            .unwrap()
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let o = model(&s, "openai-video");
+        assert!(o.check_request("openai-video", 8, 1280, 720).is_ok());
+        assert!(o.check_request("openai-video", 4, 720, 1280).is_ok());
+        let e = o.check_request("openai-video", 6, 1280, 720).unwrap_err();
+        assert_eq!(e.param, "duration");
+        assert!(e.message.contains("4, 8 or 12"), "{}", e.message);
+        assert_eq!(
+            o.check_request("openai-video", 8, 1920, 1080)
+                .unwrap_err()
+                .param,
+            "size"
+        );
+        let local = model(&s, "local-video");
+        assert!(local.check_request("local-video", 60, 3840, 64).is_ok());
+    }
+
+    #[test]
+    fn a_file_replaces_a_default_list_instead_of_merging_into_it() {
+        let dir = std::env::temp_dir().join(format!("conduit-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("conduit.toml");
+        std::fs::write(
+            &path,
+            "[models.minimax-video]\nresolutions = [{ name = \"768P\", height = 768 }]\n",
+        )
+        .unwrap();
+        let s = Settings::load(Service::Generator, Some(&path)).unwrap();
+        let m = model(&s, "minimax-video");
+        assert_eq!(m.resolutions.as_deref().map(<[_]>::len), Some(1));
+        assert_eq!(m.upstream_model.as_deref(), Some("MiniMax-Hailuo-02"));
+        assert_eq!(m.durations, Some(vec![6, 10]));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
