@@ -2,9 +2,11 @@
 //! separate processes (each stack with its own AMQP namespace, database and video
 //! folder), a local webhook receiver, and drives everything over HTTP as a user would.
 
+pub mod fakes;
 pub mod receiver;
 pub mod stack;
 
+pub use fakes::{FakeProvider, Protocol, Scenario};
 pub use receiver::{ReceivedWebhook, Receiver, Reply};
 pub use stack::{Stack, StackOptions};
 

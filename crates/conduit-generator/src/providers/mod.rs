@@ -2,9 +2,14 @@
 //! adapters (MiniMax, OpenAI-compatible, Replicate) implement the same trait: they
 //! submit, poll, report progress through the context and download the finished file.
 //! A model maps to its provider through `settings.models[model].provider`, resolved by
-//! the API at submit time and carried in the job.
+//! the API at submit time and carried in the job. A remote provider is registered only
+//! once its credential is configured.
 
+mod http;
 mod local;
+mod minimax;
+mod openai;
+mod replicate;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -13,7 +18,11 @@ use bytes::Bytes;
 use conduit_core::{messages::JobMessage, Settings};
 use tokio_util::sync::CancellationToken;
 
+pub use http::settle_upstream_stops;
 pub use local::LocalProvider;
+pub use minimax::MiniMaxProvider;
+pub use openai::OpenAiProvider;
+pub use replicate::ReplicateProvider;
 
 /// One progress report of a running generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +90,8 @@ pub trait Provider: Send + Sync {
     ) -> Result<GeneratedVideo, GenerationError>;
 }
 
+type RemoteBuilder = fn(&Settings) -> anyhow::Result<Arc<dyn Provider>>;
+
 /// The providers this generator can run, by name (`local`, `minimax`, ...).
 #[derive(Clone, Default)]
 pub struct Providers {
@@ -90,18 +101,52 @@ pub struct Providers {
 }
 
 impl Providers {
-    /// The providers the settings allow: always `local`; remote ones once configured.
+    /// The providers the settings allow: always `local`; remote ones once their
+    /// credential is configured.
     pub fn from_settings(settings: &Settings) -> Self {
         let models = settings
             .models
             .iter()
             .map(|(model, m)| (model.clone(), m.provider.clone()))
             .collect();
-        Self {
+        let mut providers = Self {
             by_name: HashMap::new(),
             models,
         }
-        .with("local", Arc::new(LocalProvider))
+        .with("local", Arc::new(LocalProvider));
+        let p = &settings.providers;
+        let remote: [(&str, bool, RemoteBuilder); 3] = [
+            ("minimax", p.minimax.api_key.is_some(), |s| {
+                Ok(Arc::new(MiniMaxProvider::new(
+                    &s.providers.minimax,
+                    &s.models,
+                )?))
+            }),
+            ("openai", p.openai.api_key.is_some(), |s| {
+                Ok(Arc::new(OpenAiProvider::new(
+                    &s.providers.openai,
+                    &s.models,
+                )?))
+            }),
+            ("replicate", p.replicate.api_key.is_some(), |s| {
+                Ok(Arc::new(ReplicateProvider::new(
+                    &s.providers.replicate,
+                    &s.models,
+                )?))
+            }),
+        ];
+        for (name, configured, build) in remote {
+            if !configured {
+                continue;
+            }
+            match build(settings) {
+                Ok(provider) => providers = providers.with(name, provider),
+                Err(err) => {
+                    tracing::warn!(provider = name, error = %format!("{err:#}"), "provider not usable; its models will fail")
+                }
+            }
+        }
+        providers
     }
 
     /// Adds (or replaces) the provider called `name`.
@@ -169,5 +214,18 @@ mod tests {
             .err()
             .unwrap_or_default();
         assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn remote_providers_are_registered_once_their_credential_is_set() {
+        let mut settings =
+            Settings::load(conduit_core::Service::Generator, None).expect("default settings");
+        settings.providers.minimax.api_key = Some(conduit_core::Secret::new("mm"));
+        settings.providers.replicate.api_key = Some(conduit_core::Secret::new("r8"));
+        settings.providers.openai.api_key = None;
+        let providers = Providers::from_settings(&settings);
+        assert!(providers.resolve(&job("minimax-video", "minimax")).is_ok());
+        assert!(providers.resolve(&job("replicate-video", "")).is_ok());
+        assert!(providers.resolve(&job("openai-video", "openai")).is_err());
     }
 }
