@@ -85,8 +85,10 @@ async fn generator_killed_mid_render_has_its_job_taken_over() {
         .submit_ok(&json!({
             "model": "local-video",
             "prompt": "A render interrupted halfway",
-            "duration": 10,
-            "size": "640x360",
+            // 1800 frames at 720p: long enough to be caught mid-render.
+            "duration": 60,
+            "size": "1280x720",
+            "fps": 30,
             "webhook_url": receiver.url("/hook"),
         }))
         .await;
@@ -142,12 +144,40 @@ async fn two_generators_and_two_senders_share_the_work() {
         tasks.push(stack.submit_ok(&body).await);
     }
     assert_all_delivered(&receiver, &tasks).await;
-    for (role, procs) in [("generator", &stack.generators), ("sender", &stack.senders)] {
+    for (role, procs, counter) in [
+        (
+            "generator",
+            &stack.generators,
+            "conduit_generator_jobs_completed_total",
+        ),
+        (
+            "sender",
+            &stack.senders,
+            "conduit_webhook_attempts_total{outcome=\"delivered\"}",
+        ),
+    ] {
         for (i, p) in procs.iter().enumerate() {
-            let logs = p.logs();
-            let handled = tasks.iter().filter(|t| logs.contains(t.as_str())).count();
-            assert!(handled > 0, "{role} {i} handled none of the tasks");
+            let handled = counter_value(&stack.http, p.port, counter).await;
+            assert!(handled > 0.0, "{role} {i} handled none of the tasks");
         }
     }
     stack.stop().await;
+}
+
+/// The value of one counter (name with its labels, as printed) on a process's `/metrics`.
+async fn counter_value(http: &reqwest::Client, port: u16, series: &str) -> f64 {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics request")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
 }
