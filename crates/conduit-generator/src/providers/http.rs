@@ -223,7 +223,7 @@ impl Upstream {
                     let why = self.redact(&why);
                     if attempt >= MAX_ATTEMPTS {
                         return Err(self.failed(format!(
-                            "{} could not be reached to {what}: {why} (gave up after {attempt} attempts)",
+                            "Gave up trying to {what} at {} after {attempt} attempts: {why}",
                             self.name
                         )));
                     }

@@ -114,6 +114,26 @@ async fn the_rate_limit_is_backed_off_and_retried() {
 }
 
 #[tokio::test]
+async fn a_rate_limit_that_never_clears_ends_in_a_clear_error() {
+    let (fake, provider) = start();
+    fake.set_default(Scenario {
+        rate_limited_submits: 100,
+        ..Scenario::default()
+    });
+    let error = run(
+        &provider,
+        &job("minimax-video", "minimax", "always busy", 6, (1280, 720)),
+    )
+    .await
+    .error();
+    assert_eq!(
+        error,
+        "Gave up trying to submit the video task at MiniMax after 8 attempts: MiniMax rate limit (1002 rate limit)"
+    );
+    assert_eq!(fake.submits(), 8);
+}
+
+#[tokio::test]
 async fn a_failed_task_says_why() {
     let (fake, provider) = start();
     fake.on_prompt("policy", Scenario::failing("1026", "input new_sensitive"));
