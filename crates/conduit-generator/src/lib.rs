@@ -12,7 +12,7 @@ pub mod render;
 mod throttle;
 mod worker;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use actix_web::dev::{Server, ServerHandle};
 use anyhow::Context;
@@ -27,6 +27,9 @@ use tracing::info;
 
 pub use providers::Providers;
 use worker::Worker;
+
+/// How long a stopping generator waits for its last upstream cancel requests.
+const UPSTREAM_STOPS_GRACE: Duration = Duration::from_secs(5);
 
 /// A built generator: broker connection started, ops server bound, not yet consuming.
 pub struct App {
@@ -138,6 +141,8 @@ impl App {
         };
         info!(concurrency = self.concurrency, "generator consuming jobs");
         let (control, jobs) = tokio::join!(control, jobs);
+        // Cancels of upstream jobs the hand-back abandoned go out before the process ends.
+        providers::settle_upstream_stops(UPSTREAM_STOPS_GRACE).await;
         self.broker_stop.cancel();
         server_handle.stop(true).await;
         let _ = server.await;
