@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod outbox;
 pub mod routes;
 pub mod state;
+pub mod submits;
 pub mod tasks;
 pub mod videos;
 pub mod webhooks;

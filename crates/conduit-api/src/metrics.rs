@@ -1,7 +1,7 @@
 //! The API's Prometheus metrics, registered in the registry `/metrics` serves.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
 #[derive(Clone)]
@@ -10,6 +10,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub http_duration: HistogramVec,
     pub tasks_submitted: IntCounterVec,
+    pub submit_batch_size: Histogram,
     pub outbox_depth: IntGauge,
     pub outbox_oldest_age_seconds: IntGauge,
     pub outbox_published: IntCounter,
@@ -45,6 +46,13 @@ impl Metrics {
             ),
             &["model"],
         )?;
+        let submit_batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "conduit_api_submit_batch_size",
+                "Submits written per transaction by the group-commit writer",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+        )?;
         let outbox_depth = IntGauge::new(
             "conduit_api_outbox_depth",
             "Outbox rows written but not yet published",
@@ -78,6 +86,7 @@ impl Metrics {
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_duration.clone()))?;
         registry.register(Box::new(tasks_submitted.clone()))?;
+        registry.register(Box::new(submit_batch_size.clone()))?;
         registry.register(Box::new(outbox_depth.clone()))?;
         registry.register(Box::new(outbox_oldest_age_seconds.clone()))?;
         registry.register(Box::new(outbox_published.clone()))?;
@@ -89,6 +98,7 @@ impl Metrics {
             http_requests,
             http_duration,
             tasks_submitted,
+            submit_batch_size,
             outbox_depth,
             outbox_oldest_age_seconds,
             outbox_published,

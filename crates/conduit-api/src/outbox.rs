@@ -111,27 +111,30 @@ impl OutboxRelay {
             .await
             .context("connecting to the database")?;
         let tx = client.transaction().await.context("starting relay batch")?;
+        // Taking the rows is deleting them: the delete holds their row locks, so other
+        // relays skip them, and it only counts once the publish is confirmed and the
+        // transaction commits. Rolled back (a failed publish, a crash), they stay.
         let stmt = tx
             .prepare_cached(
-                "SELECT id, target, route, body, task_id, message_id FROM outbox
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                "DELETE FROM outbox WHERE id IN (
+                     SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING id, target, route, body, task_id, message_id",
             )
             .await
-            .context("preparing outbox read")?;
-        let rows = tx
+            .context("preparing outbox take")?;
+        let mut rows = tx
             .query(&stmt, &[&BATCH])
             .await
-            .context("reading the outbox")?;
+            .context("taking rows from the outbox")?;
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut ids = Vec::with_capacity(rows.len());
+        // RETURNING has no order; publish in the order the rows were written.
+        rows.sort_by_key(|row| row.get::<_, i64>(0));
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: i64 = row.get(0);
             let target: String = row.get(1);
             let route: String = row.get(2);
-            ids.push(id);
             messages.push(Outgoing {
                 target: if target == "control" {
                     Target::Control
@@ -147,18 +150,11 @@ impl OutboxRelay {
             .publish_batch(&messages)
             .await
             .context("publishing outbox batch")?;
-        let delete = tx
-            .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
-            .await
-            .context("preparing outbox delete")?;
-        tx.execute(&delete, &[&ids])
-            .await
-            .context("deleting published outbox rows")?;
         // A crash between the confirm and this commit republishes the batch; consumers
         // drop duplicates (jobs by attempt, status by sequence, webhooks by id).
         tx.commit().await.context("committing relay batch")?;
-        self.metrics.outbox_published.inc_by(ids.len() as u64);
-        Ok(ids.len())
+        self.metrics.outbox_published.inc_by(messages.len() as u64);
+        Ok(messages.len())
     }
 
     async fn refresh_gauges(&self) -> anyhow::Result<()> {

@@ -20,7 +20,7 @@ use crate::{
     domain::{guard_webhook_target, GenerationRequest},
     error::{ApiError, ErrorBody, FieldError},
     state::AppState,
-    tasks::{self, Submitted, TaskRow, TaskStatus},
+    tasks::{self, NewSubmit, Submitted, TaskRow, TaskStatus},
     webhooks::{self, Redelivery, WebhookLog},
 };
 
@@ -291,7 +291,9 @@ pub async fn submit(
     if let Some(url) = &request.webhook_url {
         guard_webhook_target(url, state.settings.webhooks.allow_private_targets).await?;
     }
-    let outcome = tasks::submit(&state.pool, &caller, &request, idempotency.as_deref()).await?;
+    let submit = NewSubmit::new(&caller, &request, idempotency.as_deref())?;
+    tracing::Span::current().record("task_id", tracing::field::display(submit.task.id));
+    let outcome = state.submits.submit(submit).await?;
     let task = match outcome {
         Submitted::Created(task) => {
             state.wake_relay();

@@ -31,6 +31,7 @@ use crate::{
     outbox::OutboxRelay,
     routes::{self, MAX_BODY},
     state::AppState,
+    submits::{self, SubmitWriter},
     videos::{self, VideoLinks, SIGNING_KEY_SETTING},
 };
 
@@ -48,6 +49,8 @@ pub struct App {
     work: CancellationToken,
     /// Closes the broker connection, after the workers are done with it.
     broker_stop: CancellationToken,
+    /// Writes the submits the handlers queue; runs while the server does.
+    submit_writer: SubmitWriter,
 }
 
 impl App {
@@ -75,6 +78,8 @@ impl App {
         let work = CancellationToken::new();
         let broker_stop = CancellationToken::new();
         let broker = Broker::start(&settings.amqp, "conduit-api", broker_stop.clone());
+        let (submits, submit_writer) =
+            submits::channel(pool.clone(), metrics.clone(), submit_writers(&settings));
         let state = Arc::new(AppState {
             models: ModelCatalog::from_settings(&settings),
             settings,
@@ -84,6 +89,7 @@ impl App {
             store,
             links,
             metrics,
+            submits,
             outbox_ready: Arc::new(Notify::new()),
         });
         let listener = TcpListener::bind(&state.settings.http.bind)
@@ -97,6 +103,7 @@ impl App {
             state,
             work,
             broker_stop,
+            submit_writer,
         })
     }
 
@@ -118,8 +125,13 @@ impl App {
             state,
             work,
             broker_stop,
+            submit_writer,
             ..
         } = self;
+        // The writer outlives the HTTP server: it stops only after the last handler has
+        // had its answer, then finishes what is queued.
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(submit_writer.run(writer_stop.clone()));
         let workers = spawn_workers(&state, &work);
         let handle = server.handle();
         let mut server = tokio::spawn(server);
@@ -135,6 +147,10 @@ impl App {
                 Err(e) => Err(anyhow::Error::from(e).context("HTTP server task failed")),
             },
         };
+        writer_stop.cancel();
+        if tokio::time::timeout(WORKER_GRACE, writer).await.is_err() {
+            warn!("the submit writer did not stop in time");
+        }
         work.cancel();
         let wait = futures::future::join_all(workers);
         if tokio::time::timeout(WORKER_GRACE, wait).await.is_err() {
@@ -145,6 +161,12 @@ impl App {
         info!("stopped");
         result
     }
+}
+
+/// Batches committing at once: a quarter of the pool (at most 4), so submits never take
+/// the connections the other routes and the consumers need.
+fn submit_writers(settings: &Settings) -> usize {
+    (settings.database.pool_size / 4).clamp(1, 4)
 }
 
 /// Connects and migrates, waiting out a database that is still starting (a stack whose

@@ -6,7 +6,10 @@ use conduit_core::{config::Settings, storage::VideoStore, Broker};
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
 
-use crate::{auth::KeyCache, domain::ModelCatalog, metrics::Metrics, videos::VideoLinks};
+use crate::{
+    auth::KeyCache, domain::ModelCatalog, metrics::Metrics, submits::SubmitQueue,
+    videos::VideoLinks,
+};
 
 pub struct AppState {
     pub settings: Settings,
@@ -17,6 +20,8 @@ pub struct AppState {
     pub store: VideoStore,
     pub links: VideoLinks,
     pub metrics: Metrics,
+    /// Hands submits to the group-commit writer.
+    pub submits: SubmitQueue,
     /// Wakes the outbox relay right after a commit wrote outbox rows.
     pub outbox_ready: Arc<Notify>,
 }

@@ -178,109 +178,137 @@ fn job_outgoing(job: &JobMessage) -> anyhow::Result<Outgoing> {
 }
 
 /// What a submit led to.
+#[derive(Debug)]
 pub enum Submitted {
     Created(TaskRow),
     /// The same Idempotency-Key and body were seen before: this is that task.
     Replayed(TaskRow),
 }
 
-/// Records a new task and its job in one statement (one round trip, atomic), or in one
-/// transaction with the Idempotency-Key.
-pub async fn submit(
-    pool: &Pool,
-    caller: &Caller,
-    request: &GenerationRequest,
-    idempotency_key: Option<&str>,
-) -> Result<Submitted, ApiError> {
-    let now = now_millis();
-    let task = TaskRow {
-        id: Uuid::now_v7(),
-        api_key_id: caller.key_id,
-        attempt: 1,
-        status: TaskStatus::Pending,
-        progress: 0,
-        message: None,
-        eta_seconds: None,
-        model: request.model.id.clone(),
-        provider: request.model.provider.clone(),
-        upstream_model: request.model.upstream_model.clone(),
-        prompt: request.prompt.as_str().to_owned(),
-        duration: i32::try_from(request.duration).unwrap_or(i32::MAX),
-        width: i32::try_from(request.size.width).unwrap_or(i32::MAX),
-        height: i32::try_from(request.size.height).unwrap_or(i32::MAX),
-        fps: i32::try_from(request.fps).unwrap_or(i32::MAX),
-        seed: request.seed,
-        webhook_url: request.webhook_url.as_ref().map(|u| u.as_str().to_owned()),
-        webhook_headers: request.webhook_headers.as_map().clone(),
-        webhook_events: request.webhook_events.clone(),
-        video_key: None,
-        generation_duration_seconds: None,
-        error: None,
-        created_at: now,
-        updated_at: now,
-        completed_at: None,
-        last_seq: -1,
-    };
-    let job = job_outgoing(&task.job())?;
-    let mut client = pool.get().await?;
-    match idempotency_key {
-        None => {
-            insert_task_with_job(&client, &task, &job).await?;
-            Ok(Submitted::Created(task))
-        }
-        Some(key) => {
-            let tx = client.transaction().await.context("starting submit")?;
-            let fingerprint = request.fingerprint();
-            let claim = tx
-                .prepare_cached(
-                    "INSERT INTO idempotency_keys (api_key_id, key, request_hash, task_id, created_at)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (api_key_id, key) DO UPDATE
-                        SET request_hash = EXCLUDED.request_hash, task_id = EXCLUDED.task_id,
-                            created_at = EXCLUDED.created_at
-                        WHERE idempotency_keys.created_at < EXCLUDED.created_at - make_interval(hours => $6)
-                     RETURNING task_id",
-                )
-                .await
-                .context("preparing idempotency claim")?;
-            let claimed = tx
-                .query_opt(
-                    &claim,
-                    &[
-                        &caller.key_id,
-                        &key,
-                        &fingerprint.as_slice(),
-                        &task.id,
-                        &now,
-                        &IDEMPOTENCY_WINDOW_HOURS,
-                    ],
-                )
-                .await
-                .context("claiming the idempotency key")?;
-            if claimed.is_some() {
-                insert_task_with_job(&tx, &task, &job).await?;
-                tx.commit().await.context("committing submit")?;
-                return Ok(Submitted::Created(task));
-            }
-            let row = tx
-                .query_one(
-                    "SELECT request_hash, task_id FROM idempotency_keys WHERE api_key_id = $1 AND key = $2",
-                    &[&caller.key_id, &key],
-                )
-                .await
-                .context("reading the idempotency key")?;
-            let hash: Vec<u8> = row.get(0);
-            if hash != fingerprint {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            let task_id: Uuid = row.get(1);
-            let existing = get(&tx, caller.key_id, task_id)
-                .await?
-                .context("an idempotency key names a task that does not exist")?;
-            tx.commit().await.context("ending submit")?;
-            Ok(Submitted::Replayed(existing))
-        }
+/// An Idempotency-Key presented with a submit, scoped to the caller's API key.
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub key: String,
+    /// [`GenerationRequest::fingerprint`] of the body, to tell a retry from a reuse.
+    pub fingerprint: [u8; 32],
+}
+
+/// A validated submit, ready to be written: the new task, its job, and the
+/// Idempotency-Key if one was sent.
+#[derive(Debug, Clone)]
+pub struct NewSubmit {
+    pub task: TaskRow,
+    pub job: Outgoing,
+    pub claim: Option<IdempotencyClaim>,
+}
+
+impl NewSubmit {
+    /// Builds the pending task (a fresh id, attempt 1) and its job message.
+    pub fn new(
+        caller: &Caller,
+        request: &GenerationRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Self, ApiError> {
+        let now = now_millis();
+        let task = TaskRow {
+            id: Uuid::now_v7(),
+            api_key_id: caller.key_id,
+            attempt: 1,
+            status: TaskStatus::Pending,
+            progress: 0,
+            message: None,
+            eta_seconds: None,
+            model: request.model.id.clone(),
+            provider: request.model.provider.clone(),
+            upstream_model: request.model.upstream_model.clone(),
+            prompt: request.prompt.as_str().to_owned(),
+            duration: i32::try_from(request.duration).unwrap_or(i32::MAX),
+            width: i32::try_from(request.size.width).unwrap_or(i32::MAX),
+            height: i32::try_from(request.size.height).unwrap_or(i32::MAX),
+            fps: i32::try_from(request.fps).unwrap_or(i32::MAX),
+            seed: request.seed,
+            webhook_url: request.webhook_url.as_ref().map(|u| u.as_str().to_owned()),
+            webhook_headers: request.webhook_headers.as_map().clone(),
+            webhook_events: request.webhook_events.clone(),
+            video_key: None,
+            generation_duration_seconds: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_seq: -1,
+        };
+        let job = job_outgoing(&task.job())?;
+        let claim = idempotency_key.map(|key| IdempotencyClaim {
+            key: key.to_owned(),
+            fingerprint: request.fingerprint(),
+        });
+        Ok(Self { task, job, claim })
     }
+}
+
+/// The claim of an Idempotency-Key: inserts the key for this task, or takes over a row
+/// older than the window; returns a row only when this submit now owns the key.
+pub(crate) const CLAIM_SQL: &str =
+    "INSERT INTO idempotency_keys (api_key_id, key, request_hash, task_id, created_at)
+     VALUES ($1, $2, $3, $4, $5)
+     ON CONFLICT (api_key_id, key) DO UPDATE
+        SET request_hash = EXCLUDED.request_hash, task_id = EXCLUDED.task_id,
+            created_at = EXCLUDED.created_at
+        WHERE idempotency_keys.created_at < EXCLUDED.created_at - make_interval(hours => $6)
+     RETURNING task_id";
+
+/// Writes one submit on its own: the task and its job in one statement (one round trip,
+/// atomic), or in one transaction with the Idempotency-Key. The group-commit writer
+/// ([`crate::submits`]) uses this for a submit that cannot share a batch.
+pub async fn submit_one(pool: &Pool, submit: &NewSubmit) -> Result<Submitted, ApiError> {
+    let NewSubmit { task, job, claim } = submit;
+    let mut client = pool.get().await?;
+    let Some(claim) = claim else {
+        insert_task_with_job(&client, task, job).await?;
+        return Ok(Submitted::Created(task.clone()));
+    };
+    let tx = client.transaction().await.context("starting submit")?;
+    let stmt = tx
+        .prepare_cached(CLAIM_SQL)
+        .await
+        .context("preparing idempotency claim")?;
+    let claimed = tx
+        .query_opt(
+            &stmt,
+            &[
+                &task.api_key_id,
+                &claim.key,
+                &claim.fingerprint.as_slice(),
+                &task.id,
+                &task.created_at,
+                &IDEMPOTENCY_WINDOW_HOURS,
+            ],
+        )
+        .await
+        .context("claiming the idempotency key")?;
+    if claimed.is_some() {
+        insert_task_with_job(&tx, task, job).await?;
+        tx.commit().await.context("committing submit")?;
+        return Ok(Submitted::Created(task.clone()));
+    }
+    let row = tx
+        .query_one(
+            "SELECT request_hash, task_id FROM idempotency_keys WHERE api_key_id = $1 AND key = $2",
+            &[&task.api_key_id, &claim.key],
+        )
+        .await
+        .context("reading the idempotency key")?;
+    let hash: Vec<u8> = row.get(0);
+    if hash != claim.fingerprint {
+        return Err(ApiError::IdempotencyKeyReused);
+    }
+    let task_id: Uuid = row.get(1);
+    let existing = get(&tx, task.api_key_id, task_id)
+        .await?
+        .context("an idempotency key names a task that does not exist")?;
+    tx.commit().await.context("ending submit")?;
+    Ok(Submitted::Replayed(existing))
 }
 
 async fn insert_task_with_job(

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod auth;
+mod batching;
 mod cancel;
 mod cli;
 mod errors;
