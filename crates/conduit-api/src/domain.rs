@@ -389,13 +389,10 @@ impl GenerationRequest {
             .ok_or_else(|| FieldError::invalid("model", "model must be a string"))?;
         let model = models.get(model_id).ok_or_else(|| {
             let known: Vec<&str> = models.iter().map(|m| m.id.as_str()).collect();
-            FieldError::invalid(
-                "model",
-                format!(
-                    "model {model_id:?} does not exist; configured models: {}",
-                    known.join(", ")
-                ),
-            )
+            FieldError::unsupported_model(format!(
+                "model {model_id:?} does not exist; configured models: {}",
+                known.join(", ")
+            ))
         })?;
         if let Some(setting) = &model.missing_setting {
             return Err(FieldError::unsupported_model(format!(
@@ -630,7 +627,7 @@ mod tests {
         let e = refused(with("model", json!("nope")));
         assert_eq!(
             (e.code, e.param.as_str()),
-            (FieldCode::InvalidValue, "model")
+            (FieldCode::UnsupportedModel, "model")
         );
         let e = refused(with("model", json!("minimax-video")));
         assert_eq!(e.code, FieldCode::UnsupportedModel);

@@ -75,12 +75,15 @@ rule!(
 );
 rule!(
     model_must_be_configured,
+    "unsupported_model",
+    "model",
+    [with("model", json!("no-such-model"))]
+);
+rule!(
+    model_must_be_a_string,
     "invalid_value",
     "model",
-    [
-        with("model", json!("no-such-model")),
-        with("model", json!(42)),
-    ]
+    [with("model", json!(42))]
 );
 rule!(
     prompt_must_be_1_to_4000_characters,
