@@ -336,6 +336,10 @@ impl Broker {
                 }
             };
             debug!(queue = %label, "consuming");
+            // Delivery tags restart on a recovered channel, so each recovery gets a
+            // settler of its own; the old one settles (or finds poisoned) what is left.
+            let mut settler =
+                (!matches!(source, Source::Control)).then(|| Settler::spawn(channel.clone()));
             loop {
                 let permit = tokio::select! {
                     p = permits.clone().acquire_owned() => p.context("consumer semaphore closed")?,
@@ -365,6 +369,9 @@ impl Broker {
                             () = shutdown.cancelled() => break 'session,
                         };
                         if recovered {
+                            if settler.is_some() {
+                                settler = Some(Settler::spawn(channel.clone()));
+                            }
                             continue;
                         }
                         continue 'session;
@@ -378,17 +385,18 @@ impl Broker {
                 let span = tracing::info_span!("delivery", queue = %label, traceparent = incoming.traceparent.as_deref().unwrap_or(""));
                 let handler = handler.clone();
                 let token = shutdown.child_token();
-                let auto_ack = matches!(source, Source::Control);
                 // lapin closes a channel when its last handle goes, which hands every
                 // unsettled delivery back to the queue (counting as a lost delivery). Each
                 // handler keeps the channel open until it has settled its own delivery,
                 // so one that finishes during the shutdown drain still acks.
                 let settle_on = channel.clone();
+                let pending = settler.as_ref().map(|s| s.register(&delivery));
+                drop(delivery);
                 in_flight.spawn(
                     async move {
                         let disposition = handler(incoming, token).await;
-                        if !auto_ack {
-                            settle(&delivery, disposition).await;
+                        if let Some(pending) = pending {
+                            pending.settle(disposition).await;
                         }
                         drop(settle_on);
                         drop(permit);
@@ -492,25 +500,200 @@ impl Broker {
     }
 }
 
-async fn settle(delivery: &lapin::message::Delivery, disposition: Disposition) {
+/// Longest an ack waits for the deliveries before it to finish too, so that one
+/// `multiple` ack settles them all. Only acks wait, never a webhook or a job: the effect
+/// is already durable, and the delivery stays unacked (so redelivered after a crash).
+const ACK_COALESCE: Duration = Duration::from_millis(5);
+
+/// Settles the deliveries of one consumer channel. Handlers hand their dispositions to
+/// it; acks whose deliveries, and every earlier unsettled one, are all done go out as a
+/// single `multiple` ack (RabbitMQ then takes one settle command for the lot instead of
+/// one per message), the rest one by one once [`ACK_COALESCE`] has passed. A multiple
+/// ack never covers a delivery whose handler has not asked for an ack.
+struct Settler {
+    tx: tokio::sync::mpsc::UnboundedSender<Settle>,
+    /// Delivery tags handed to a handler and not yet settled, in order.
+    outstanding: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+}
+
+struct Settle {
+    tag: u64,
+    acker: lapin::Acker,
+    disposition: Disposition,
+    done: tokio::sync::oneshot::Sender<()>,
+    /// When the handler asked; an ack waits at most [`ACK_COALESCE`] after this.
+    asked: tokio::time::Instant,
+}
+
+/// One delivery's claim on its settler.
+struct PendingSettle {
+    tag: u64,
+    acker: Option<lapin::Acker>,
+    tx: tokio::sync::mpsc::UnboundedSender<Settle>,
+}
+
+impl Settler {
+    fn spawn(channel: Channel) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let outstanding = Arc::<std::sync::Mutex<std::collections::BTreeSet<u64>>>::default();
+        tokio::spawn(settle_loop(rx, outstanding.clone(), channel));
+        Self { tx, outstanding }
+    }
+
+    /// Records `delivery` as handed out; the returned claim settles it.
+    fn register(&self, delivery: &lapin::message::Delivery) -> PendingSettle {
+        lock(&self.outstanding).insert(delivery.delivery_tag);
+        PendingSettle {
+            tag: delivery.delivery_tag,
+            acker: Some(delivery.acker.clone()),
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl PendingSettle {
+    /// Settles the delivery as `disposition` and waits until that went to the broker.
+    async fn settle(mut self, disposition: Disposition) {
+        let Some(acker) = self.acker.take() else {
+            return;
+        };
+        let (done, settled) = tokio::sync::oneshot::channel();
+        let sent = self.tx.send(Settle {
+            tag: self.tag,
+            acker,
+            disposition,
+            done,
+            asked: tokio::time::Instant::now(),
+        });
+        if sent.is_err() || settled.await.is_err() {
+            warn!(
+                ?disposition,
+                "delivery's channel was lost before settling; the broker will redeliver it"
+            );
+        }
+    }
+}
+
+impl Drop for PendingSettle {
+    /// A handler that never settled (it panicked or was aborted) hands its delivery
+    /// back, so a later multiple ack cannot cover it.
+    fn drop(&mut self) {
+        if let Some(acker) = self.acker.take() {
+            let (done, _) = tokio::sync::oneshot::channel();
+            let _ = self.tx.send(Settle {
+                tag: self.tag,
+                acker,
+                disposition: Disposition::Requeue,
+                done,
+                asked: tokio::time::Instant::now(),
+            });
+        }
+    }
+}
+
+async fn settle_loop(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Settle>,
+    outstanding: Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
+    channel: Channel,
+) {
+    // Acks asked for but not sent yet, by delivery tag.
+    let mut acks: std::collections::BTreeMap<u64, Settle> = std::collections::BTreeMap::new();
+    loop {
+        let oldest = acks.values().map(|a| a.asked).min();
+        let next = match oldest {
+            Some(asked) => tokio::select! {
+                next = rx.recv() => next,
+                () = tokio::time::sleep_until(asked + ACK_COALESCE) => None,
+            },
+            None => match rx.recv().await {
+                Some(next) => Some(next),
+                None => break,
+            },
+        };
+        let mut batch: Vec<Settle> = next.into_iter().collect();
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        // Requeues and rejects first, one by one: a multiple ack sent after them no
+        // longer covers them.
+        for s in batch {
+            if s.disposition == Disposition::Ack {
+                acks.insert(s.tag, s);
+            } else {
+                settle_one(&s.acker, s.disposition).await;
+                lock(&outstanding).remove(&s.tag);
+                let _ = s.done.send(());
+            }
+        }
+        // The highest tag up to which every unsettled delivery asked for an ack.
+        let upto = {
+            let outstanding = lock(&outstanding);
+            let mut upto = None;
+            for tag in outstanding.iter() {
+                if !acks.contains_key(tag) {
+                    break;
+                }
+                upto = Some(*tag);
+            }
+            upto
+        };
+        if let Some(upto) = upto {
+            let covered: Vec<Settle> = {
+                let rest = acks.split_off(&(upto + 1));
+                std::mem::replace(&mut acks, rest).into_values().collect()
+            };
+            if let Some(last) = covered.last() {
+                let multiple = covered.len() > 1;
+                let result = last.acker.ack(BasicAckOptions { multiple }).await;
+                report_settle(result, Disposition::Ack);
+            }
+            let mut outstanding = lock(&outstanding);
+            for s in covered {
+                outstanding.remove(&s.tag);
+                let _ = s.done.send(());
+            }
+        }
+        // Acks that waited long enough for the gap before them go out alone.
+        let now = tokio::time::Instant::now();
+        let due: Vec<u64> = acks
+            .iter()
+            .filter(|(_, s)| now >= s.asked + ACK_COALESCE)
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in due {
+            if let Some(s) = acks.remove(&tag) {
+                settle_one(&s.acker, Disposition::Ack).await;
+                lock(&outstanding).remove(&tag);
+                let _ = s.done.send(());
+            }
+        }
+    }
+    // Every handler is gone; settle what was asked for.
+    for (tag, s) in std::mem::take(&mut acks) {
+        settle_one(&s.acker, Disposition::Ack).await;
+        lock(&outstanding).remove(&tag);
+        let _ = s.done.send(());
+    }
+    drop(channel);
+}
+
+async fn settle_one(acker: &lapin::Acker, disposition: Disposition) {
     let result = match disposition {
-        Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => {
-            delivery
-                .acker
+            acker
                 .nack(BasicNackOptions {
                     requeue: true,
                     ..Default::default()
                 })
                 .await
         }
-        Disposition::Reject => {
-            delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-        }
+        Disposition::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
+    report_settle(result, disposition);
+}
+
+fn report_settle(result: lapin::Result<bool>, disposition: Disposition) {
     match result {
         Ok(true) => {}
         // lapin poisons the ackers of a channel that closed or was recovered: the
@@ -526,6 +709,11 @@ async fn settle(delivery: &lapin::message::Delivery, disposition: Disposition) {
             warn!(error = %err, ?disposition, "could not settle delivery; the broker will redeliver it");
         }
     }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The sets stay consistent even if a holder panicked; keep going.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn drain(mut in_flight: JoinSet<()>, label: &str) {
