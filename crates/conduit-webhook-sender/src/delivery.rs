@@ -63,8 +63,11 @@ const SLOT_STALL: Duration = Duration::from_millis(100);
 /// Longest in-process wait for a slot, however busy the host.
 const SLOT_PATIENCE: Duration = Duration::from_secs(2);
 /// Shortest and longest park of a delivery whose host or task is busy. In between, the
-/// park grows with how long the slots have been stuck, so deliveries behind a receiver
-/// that hangs for its whole timeout come back a few times, not hundreds of times.
+/// park is the shortest wait bucket at least as long as the slots have been stuck, so
+/// deliveries behind a receiver that hangs for its whole timeout come back once or
+/// twice, not every few seconds: each return costs the broker a consume, a publish and
+/// an ack, and with hundreds of deliveries a second parked behind one hanging host that
+/// traffic would crowd out every healthy host's deliveries.
 const BUSY_PARK_MIN: Duration = WAIT_BUCKETS[1];
 const BUSY_PARK_MAX: Duration = Duration::from_secs(30);
 /// How long an attempt in flight may finish once shutdown began before it is handed
@@ -524,9 +527,17 @@ impl Deliverer {
     }
 }
 
-/// The wait queue for a delivery whose slots are stuck: about as long as they have been.
+/// The wait queue for a delivery whose slots are stuck: the shortest bucket at least as
+/// long as they have been stuck (a host stuck for a while is likely stuck for as long
+/// again), between [`BUSY_PARK_MIN`] and [`BUSY_PARK_MAX`].
 fn busy_park(busy: Busy) -> Duration {
-    wait_bucket_for(busy.stalled_for.clamp(BUSY_PARK_MIN, BUSY_PARK_MAX)).unwrap_or(BUSY_PARK_MIN)
+    let stalled = busy.stalled_for.clamp(BUSY_PARK_MIN, BUSY_PARK_MAX);
+    WAIT_BUCKETS
+        .iter()
+        .copied()
+        .find(|bucket| *bucket >= stalled)
+        .unwrap_or(BUSY_PARK_MAX)
+        .min(BUSY_PARK_MAX)
 }
 
 /// Sends the request and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
@@ -781,9 +792,11 @@ mod tests {
             })
         };
         assert_eq!(park(100), Duration::from_millis(250));
-        assert_eq!(park(1_200), Duration::from_secs(1));
-        assert_eq!(park(7_000), Duration::from_secs(5));
-        assert_eq!(park(29_000), Duration::from_secs(5));
+        assert_eq!(park(250), Duration::from_millis(250));
+        assert_eq!(park(400), Duration::from_secs(1));
+        assert_eq!(park(1_200), Duration::from_secs(5));
+        assert_eq!(park(7_000), Duration::from_secs(30));
+        assert_eq!(park(29_000), Duration::from_secs(30));
         assert_eq!(park(3_600_000), Duration::from_secs(30));
     }
 
