@@ -6,6 +6,7 @@
 //! keeps it working, and asserts nothing about speed.
 
 pub mod baseline;
+pub mod cpu;
 pub mod phases;
 pub mod receiver;
 pub mod report;
@@ -15,6 +16,39 @@ pub mod stats;
 use std::{path::PathBuf, time::Duration};
 
 pub use report::Report;
+
+/// One measurement of the run, selectable on its own with `conduit-bench only`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Submit rate against pgbench (figure 1).
+    Submit,
+    /// A generator rendering queued jobs, for its peak RSS (figure 6). Without `submit`
+    /// in the same run, the jobs are published straight to the jobs queue.
+    Generator,
+    /// The sender's drain rate against a bare consumer and wrk (figure 2).
+    Delivery,
+    /// Event→webhook latency at half the sustainable rate (figure 3).
+    Paced,
+    /// The same with a hanging receiver (figure 4).
+    Isolation,
+    /// Two senders against one (figure 7).
+    ScaleOut,
+    /// Render speed against ffmpeg (figure 5).
+    Render,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Submit,
+        Phase::Generator,
+        Phase::Delivery,
+        Phase::Paced,
+        Phase::Isolation,
+        Phase::ScaleOut,
+        Phase::Render,
+    ];
+}
 
 /// How big a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -31,9 +65,15 @@ pub struct Sizes {
     pub submit_warmup: Duration,
     pub submit_secs: u64,
     pub generator_secs: u64,
+    /// Jobs queued for the generator when no submit run queued them.
+    pub generator_jobs: usize,
     pub deliveries: usize,
     pub wrk_secs: u64,
     pub paced_secs: u64,
+    /// Published before the measured part of a paced or sustained run, and not counted.
+    pub paced_warmup: Duration,
+    /// Measured part of the sustained-rate run.
+    pub sustain_secs: u64,
     pub hang: Duration,
     pub render_size: (u32, u32),
     pub render_seconds: u32,
@@ -48,9 +88,12 @@ impl Sizes {
                 submit_warmup: Duration::from_secs(2),
                 submit_secs: 15,
                 generator_secs: 15,
+                generator_jobs: 100,
                 deliveries: 20_000,
                 wrk_secs: 10,
                 paced_secs: 20,
+                paced_warmup: Duration::from_secs(2),
+                sustain_secs: 8,
                 hang: Duration::from_secs(30),
                 render_size: (1280, 720),
                 render_seconds: 10,
@@ -61,9 +104,12 @@ impl Sizes {
                 submit_warmup: Duration::from_millis(200),
                 submit_secs: 1,
                 generator_secs: 1,
+                generator_jobs: 2,
                 deliveries: 200,
                 wrk_secs: 1,
                 paced_secs: 1,
+                paced_warmup: Duration::from_millis(200),
+                sustain_secs: 1,
                 hang: Duration::from_secs(30),
                 render_size: (320, 240),
                 render_seconds: 1,
@@ -85,9 +131,17 @@ pub struct Options {
     pub docs: Option<PathBuf>,
     /// The command line recorded in the docs.
     pub command: String,
+    /// The phases to run (all of them for `full` and `smoke`).
+    pub phases: Vec<Phase>,
+    /// Events per second of the paced runs; measured in the run when not given.
+    pub pace: Option<f64>,
 }
 
 impl Options {
+    pub fn runs(&self, phase: Phase) -> bool {
+        self.phases.contains(&phase)
+    }
+
     /// A smoke run against the debug binaries of the workspace's target folder, writing
     /// nothing but returning the report.
     pub fn smoke(bin_dir: PathBuf) -> Self {
@@ -97,6 +151,8 @@ impl Options {
             json: None,
             docs: None,
             command: "conduit-bench smoke".into(),
+            phases: Phase::ALL.to_vec(),
+            pace: None,
         }
     }
 }

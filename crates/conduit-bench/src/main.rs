@@ -1,10 +1,11 @@
 //! `conduit-bench full` measures everything and regenerates docs/benchmarks.md;
-//! `conduit-bench smoke` runs the same code with tiny counts.
+//! `conduit-bench smoke` runs the same code with tiny counts; `conduit-bench only PHASE...`
+//! runs some phases at full size and prints their JSON without touching the docs.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use conduit_bench::{Mode, Options};
+use conduit_bench::{Mode, Options, Phase};
 
 #[derive(Parser)]
 #[command(about = "Conduit benchmarks against the machine's own baselines")]
@@ -22,12 +23,20 @@ struct Cli {
     docs: Option<PathBuf>,
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum Cmd {
     /// Every measurement at full size (a few minutes).
     Full,
     /// Tiny counts, seconds; for CI.
     Smoke,
+    /// Some phases at full size; writes no docs (JSON only where --json says).
+    Only {
+        #[arg(required = true, value_enum)]
+        phases: Vec<Phase>,
+        /// Events per second of the paced runs, instead of measuring the sustainable rate.
+        #[arg(long)]
+        pace: Option<f64>,
+    },
 }
 
 fn workspace() -> PathBuf {
@@ -41,6 +50,19 @@ async fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
     let options = match cli.mode {
+        Cmd::Only { mut phases, pace } => {
+            phases.sort_unstable();
+            phases.dedup();
+            Options {
+                mode: Mode::Full,
+                bin_dir: cli.bin_dir.unwrap_or_else(|| target.join("release")),
+                json: cli.json,
+                docs: None,
+                command: "conduit-bench only".into(),
+                phases,
+                pace,
+            }
+        }
         Cmd::Full => Options {
             mode: Mode::Full,
             bin_dir: cli.bin_dir.unwrap_or_else(|| target.join("release")),
@@ -53,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
                     .unwrap_or_else(|| workspace().join("docs/benchmarks.md")),
             ),
             command: "./scripts/bench".into(),
+            phases: Phase::ALL.to_vec(),
+            pace: None,
         },
         Cmd::Smoke => Options {
             json: cli.json,

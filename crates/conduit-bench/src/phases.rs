@@ -12,10 +12,10 @@ use std::{
 
 use anyhow::Context;
 use conduit_core::{
-    messages::{WebhookDelivery, SCHEMA_VERSION},
+    messages::{JobMessage, RenderSpec, WebhookDelivery, SCHEMA_VERSION},
     payload::{ProgressPayload, WebhookPayload},
     time::now_millis,
-    topology::route,
+    topology::{route, Topology, WAIT_BUCKETS},
     Broker, Outgoing, Service, Settings,
 };
 use conduit_generator::render::{self, RenderRequest};
@@ -24,11 +24,15 @@ use uuid::Uuid;
 
 use crate::{
     baseline::{self, per_second},
+    cpu::{CpuMeter, CpuUse},
     receiver::Receiver,
-    report::{Delivery, Isolation, Memory, Paced, Render, Report, ScaleOut, SubmitRow},
+    report::{
+        Delivery, Isolation, Memory, Paced, PublishStats, Render, Report, ScaleOut, SubmitRow,
+        Sustained,
+    },
     stack::{Env, Proc, AMQP_URL},
     stats::{ratio, Latency},
-    Mode, Options, Sizes,
+    Mode, Options, Phase, Sizes,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -51,8 +55,10 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
         load_after: String::new(),
         command: options.command.clone(),
         wall_seconds: 0.0,
+        phases: options.phases.clone(),
         submit: Vec::new(),
         delivery: None,
+        sustained: None,
         paced: None,
         isolation: None,
         render: None,
@@ -75,18 +81,98 @@ async fn run_phases(
     env: &Env,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let (key, secret) = env.create_key().context("creating the bench API key")?;
-
     // 1. Submit, then a generator working through the queued jobs for its memory.
-    {
-        let mut api = env.spawn("conduit-api", 0, &[])?;
-        api.wait_ready(READY).await?;
+    let secret = if options.runs(Phase::Submit) || options.runs(Phase::Generator) {
+        submit_and_generator_phases(options, sizes, env, report).await?
+    } else {
+        // Delivery phases alone need no API: any valid signing secret does.
+        TEST_SECRET.to_owned()
+    };
+
+    let delivery = [
+        Phase::Delivery,
+        Phase::Paced,
+        Phase::Isolation,
+        Phase::ScaleOut,
+    ];
+    if delivery.iter().any(|p| options.runs(*p)) {
+        // The bench's own connection: it feeds the webhooks queue directly.
+        let shutdown = CancellationToken::new();
+        let broker = bench_broker(env, &shutdown).await?;
+        let settings = Settings::load(Service::WebhookSender, None)?;
+        let sender_prefetch = u16::try_from(
+            settings
+                .webhooks
+                .concurrency
+                .max(usize::from(settings.amqp.prefetch)),
+        )
+        .unwrap_or(u16::MAX);
+        let result = delivery_phases(
+            options,
+            sizes,
+            env,
+            report,
+            &broker,
+            &secret,
+            sender_prefetch,
+        )
+        .await;
+        shutdown.cancel();
+        result?;
+    }
+
+    // 5. Render, last: nothing else runs while it measures.
+    if options.runs(Phase::Render) {
+        report.render = Some(render_phase(options.mode, sizes, report).await?);
+    }
+    Ok(())
+}
+
+/// The public test vector's secret (Standard Webhooks), for runs without an API key.
+const TEST_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+async fn bench_broker(env: &Env, shutdown: &CancellationToken) -> anyhow::Result<Broker> {
+    let mut settings = Settings::load(Service::WebhookSender, None)?;
+    settings.amqp.url = conduit_core::Secret::new(AMQP_URL);
+    settings.amqp.namespace = env.namespace.clone();
+    let broker = Broker::start(&settings.amqp, "conduit-bench", shutdown.clone());
+    broker.wait_ready(Duration::from_secs(30)).await?;
+    Ok(broker)
+}
+
+/// 1 and 6 (generator): the submit runs against pgbench, then a generator rendering the
+/// jobs they queued (or, without the submit runs, jobs published straight to the queue).
+/// Returns the webhook secret of the run's API key.
+async fn submit_and_generator_phases(
+    options: &Options,
+    sizes: &Sizes,
+    env: &Env,
+    report: &mut Report,
+) -> anyhow::Result<String> {
+    let (key, secret) = env.create_key().context("creating the bench API key")?;
+    let mut api = None;
+    if options.runs(Phase::Submit) {
+        let mut proc = env.spawn("conduit-api", 0, &[])?;
+        proc.wait_ready(READY).await?;
         for &clients in &sizes.submit_clients {
-            let row = submit_load(&api, &key, clients, sizes).await?;
+            let row = submit_load(&proc, &key, clients, sizes).await?;
             let pg = pgbench_at(env, clients, sizes, report).await;
             report.submit.push(row.with_pgbench(pg));
         }
-        push_memory(report, &api, "1: submit load");
+        push_memory(report, &proc, "1: submit load");
+        api = Some(proc);
+    }
+    if options.runs(Phase::Generator) {
+        if api.is_none() {
+            let shutdown = CancellationToken::new();
+            let broker = bench_broker(env, &shutdown).await?;
+            let jobs: Vec<Outgoing> = (0..sizes.generator_jobs).map(|_| job()).collect();
+            broker
+                .publish_batch(&jobs)
+                .await
+                .context("queueing render jobs")?;
+            shutdown.cancel();
+        }
         let mut generator = env.spawn("conduit-generator", 0, &[])?;
         generator.wait_ready(READY).await?;
         tokio::time::sleep(Duration::from_secs(sizes.generator_secs)).await;
@@ -99,35 +185,41 @@ async fn run_phases(
             ),
         );
         generator.stop(STOP_GRACE);
+    }
+    if let Some(mut api) = api {
         api.stop(STOP_GRACE);
     }
+    Ok(secret)
+}
 
-    // The bench's own connection: it feeds the webhooks queue directly.
-    let shutdown = CancellationToken::new();
-    let mut settings = Settings::load(Service::WebhookSender, None)?;
-    settings.amqp.url = conduit_core::Secret::new(AMQP_URL);
-    settings.amqp.namespace = env.namespace.clone();
-    let broker = Broker::start(&settings.amqp, "conduit-bench", shutdown.clone());
-    broker.wait_ready(Duration::from_secs(30)).await?;
-    let sender_prefetch = u16::try_from(
-        settings
-            .webhooks
-            .concurrency
-            .max(usize::from(settings.amqp.prefetch)),
-    )
-    .unwrap_or(u16::MAX);
-    let result = delivery_phases(
-        options,
-        sizes,
-        env,
-        report,
-        &broker,
-        &secret,
-        sender_prefetch,
-    )
-    .await;
-    shutdown.cancel();
-    result
+/// A render job as the API queues it for a default submit (1280x720, 6 s, 24 fps).
+fn job() -> Outgoing {
+    let task_id = Uuid::new_v4();
+    let job = JobMessage {
+        v: SCHEMA_VERSION,
+        task_id,
+        attempt: 1,
+        model: "local-video".into(),
+        provider: "local".into(),
+        upstream_model: None,
+        prompt: PROMPT.into(),
+        spec: RenderSpec {
+            duration_seconds: 6,
+            width: 1280,
+            height: 720,
+            fps: 24,
+            seed: None,
+        },
+        submitted_at: now_millis(),
+    };
+    Outgoing::json(route::JOBS, &job)
+        .map(|o| o.for_task(task_id).with_message_id(format!("{task_id}:1")))
+        .unwrap_or_else(|_| Outgoing {
+            target: conduit_core::Target::Queue(route::JOBS.into()),
+            body: Vec::new(),
+            task_id: None,
+            message_id: None,
+        })
 }
 
 async fn delivery_phases(
@@ -141,133 +233,191 @@ async fn delivery_phases(
 ) -> anyhow::Result<()> {
     let n = sizes.deliveries;
     let queue = broker.topology().queue(route::WEBHOOKS);
+    let outcomes = broker.topology().queue(route::OUTCOMES);
+    let mut sender = None;
+    let mut drain = None;
 
-    // 2a. Bare consumer drain of the same queue.
-    let bare = {
+    if options.runs(Phase::Delivery) {
+        // 2a. Bare consumer drain of the same queue.
+        let bare = {
+            let receiver = Receiver::start().await?;
+            preload(broker, &receiver.url("/hook"), secret, n).await?;
+            let meter = CpuMeter::start(&[]);
+            match baseline::bare_drain(&queue, n, prefetch, sizes.drain_timeout).await {
+                Ok(rate) => Some((rate, meter.finish(n))),
+                Err(e) => {
+                    report.notes.push(format!("bare consumer: {e:#}"));
+                    None
+                }
+            }
+        };
+
+        // 2b. One sender draining the same number of webhooks.
         let receiver = Receiver::start().await?;
         preload(broker, &receiver.url("/hook"), secret, n).await?;
-        match baseline::bare_drain(&queue, n, prefetch, sizes.drain_timeout).await {
-            Ok(rate) => Some(rate),
-            Err(e) => {
-                report.notes.push(format!("bare consumer: {e:#}"));
-                None
+        let mut proc = env.spawn("conduit-webhook-sender", 0, &[])?;
+        proc.wait_ready(READY).await?;
+        let meter = CpuMeter::start(&[("conduit-webhook-sender", proc.pid().unwrap_or(0))]);
+        let one = drain_rate(&receiver, n, sizes.drain_timeout, report, "one sender").await;
+        let sender_cpu = meter.finish(n);
+        push_memory(report, &proc, "2: draining the queued webhooks");
+        purge(&outcomes).await;
+
+        // 2c. wrk against a receiver of its own, same body.
+        let wrk = if baseline::have("wrk") {
+            let wrk_receiver = Receiver::start().await?;
+            let body = sample_body();
+            match baseline::wrk(
+                &env.dir,
+                &wrk_receiver.url("/hook"),
+                &body,
+                64,
+                sizes.wrk_secs,
+            )
+            .await
+            {
+                Ok(rate) => Some(rate),
+                Err(e) => {
+                    report.notes.push(format!("wrk: {e:#}"));
+                    None
+                }
             }
+        } else {
+            report
+                .notes
+                .push("wrk is not installed: no raw HTTP baseline".into());
+            None
+        };
+        let bare_rate = bare.as_ref().map(|b| b.0);
+        report.delivery = Some(Delivery {
+            messages: n,
+            sender_rate: one,
+            bare_consumer_rate: bare_rate,
+            wrk_rate: wrk,
+            ratio_bare: ratio(one, bare_rate),
+            ratio_wrk: ratio(one, wrk),
+            bare_cpu: bare.map(|b| b.1).unwrap_or_default(),
+            sender_cpu,
+        });
+        drain = Some(one);
+        sender = Some(proc);
+    }
+
+    let mut pace = options.pace;
+    if options.runs(Phase::Paced) || options.runs(Phase::Isolation) {
+        // 3. The sustainable rate: events published as fast as the broker confirms
+        // them while the sender delivers, the way a running stack feeds it. The drain
+        // rate of 2 is measured with nobody publishing, so half of it can be most of
+        // what the broker manages once it also takes the events in.
+        if pace.is_none() {
+            let mut proc = match sender.take() {
+                Some(p) => p,
+                None => {
+                    let mut p = env.spawn("conduit-webhook-sender", 0, &[])?;
+                    p.wait_ready(READY).await?;
+                    p
+                }
+            };
+            let receiver = Receiver::start().await?;
+            let s = sustained(broker, secret, &receiver, sizes, &proc).await?;
+            proc.stop(STOP_GRACE);
+            purge(&outcomes).await;
+            let basis = drain.map_or(s.delivered_rate, |d| d.min(s.delivered_rate));
+            pace = Some((basis * 0.5).max(1.0));
+            report.sustained = Some(s);
         }
-    };
+    }
+    if let Some(mut proc) = sender.take() {
+        proc.stop(STOP_GRACE);
+    }
+    let pace = pace.unwrap_or(1.0);
 
-    // 2b. One sender draining the same number of webhooks.
-    let receiver = Receiver::start().await?;
-    preload(broker, &receiver.url("/hook"), secret, n).await?;
-    let mut sender = env.spawn("conduit-webhook-sender", 0, &[])?;
-    sender.wait_ready(READY).await?;
-    let one = drain_rate(&receiver, n, sizes.drain_timeout, report, "one sender").await;
-    push_memory(report, &sender, "2: draining the queued webhooks");
-    sender.stop(STOP_GRACE);
+    if options.runs(Phase::Paced) || options.runs(Phase::Isolation) {
+        // The same pace with a bare consumer in place of the sender, right before the
+        // paced run, so the broker's (and this tool's) own share of the latency is known.
+        let broker_only = {
+            let collector = baseline::BareCollector::start(&queue, prefetch).await?;
+            let run = paced(
+                broker,
+                secret,
+                pace,
+                sizes,
+                &collector,
+                "http://127.0.0.1:9/unused".into(),
+                None,
+                &[],
+            )
+            .await?;
+            run.latency
+        };
 
-    // 2c. wrk against a receiver of its own, same body.
-    let wrk = if baseline::have("wrk") {
-        let wrk_receiver = Receiver::start().await?;
-        let body = sample_body();
-        match baseline::wrk(
-            &env.dir,
-            &wrk_receiver.url("/hook"),
-            &body,
-            64,
-            sizes.wrk_secs,
-        )
-        .await
-        {
-            Ok(rate) => Some(rate),
-            Err(e) => {
-                report.notes.push(format!("wrk: {e:#}"));
-                None
-            }
-        }
-    } else {
-        report
-            .notes
-            .push("wrk is not installed: no raw HTTP baseline".into());
-        None
-    };
-    report.delivery = Some(Delivery {
-        messages: n,
-        sender_rate: one,
-        bare_consumer_rate: bare,
-        wrk_rate: wrk,
-        ratio_bare: ratio(one, bare),
-        ratio_wrk: ratio(one, wrk),
-    });
-
-    // 3. Paced at half the measured delivery rate; first its broker-only baseline,
-    // right before it, so both see the same machine.
-    let pace = (one * 0.5).max(1.0);
-    // The same pace with a bare consumer in place of the sender, so the broker's (and
-    // this tool's) own share of the latency is known.
-    let broker_only = {
-        let collector = baseline::BareCollector::start(&queue, prefetch).await?;
+        let mut proc = env.spawn("conduit-webhook-sender", 3, &[])?;
+        proc.wait_ready(READY).await?;
+        let healthy = Receiver::start().await?;
+        let pid = [("conduit-webhook-sender", proc.pid().unwrap_or(0))];
         let run = paced(
             broker,
             secret,
             pace,
-            sizes.paced_secs,
-            &collector,
-            "http://127.0.0.1:9/unused".into(),
+            sizes,
+            &healthy,
+            healthy.url("/hook"),
             None,
+            &pid,
         )
         .await?;
-        Some(run.latency)
-    };
+        purge(&outcomes).await;
+        let paced_p99 = run.latency.p99_ms;
+        report.paced = Some(Paced {
+            target_rate: pace,
+            published: run.published,
+            delivered: run.delivered,
+            latency: run.latency,
+            broker_only: Some(broker_only),
+            publish: run.publish,
+            cpu: run.cpu,
+        });
 
-    let mut sender = env.spawn("conduit-webhook-sender", 3, &[])?;
-    sender.wait_ready(READY).await?;
-    let healthy = Receiver::start().await?;
-    let run = paced(
-        broker,
-        secret,
-        pace,
-        sizes.paced_secs,
-        &healthy,
-        healthy.url("/hook"),
-        None,
-    )
-    .await?;
-    let paced_p99 = run.latency.p99_ms;
-    report.paced = Some(Paced {
-        target_rate: pace,
-        published: run.published,
-        delivered: run.delivered,
-        latency: run.latency,
-        broker_only,
-    });
-
-    // 4. The same with one event in five going to a receiver that hangs.
-    let healthy = Receiver::start().await?;
-    let hanging = Receiver::hanging(sizes.hang).await?;
-    let run = paced(
-        broker,
-        secret,
-        pace,
-        sizes.paced_secs,
-        &healthy,
-        healthy.url("/hook"),
-        Some(&hanging),
-    )
-    .await?;
-    hanging.release();
-    report.isolation = Some(Isolation {
-        target_rate: pace,
-        hanging_share: 1.0 / HANGING_SHARE as f64,
-        healthy_published: run.published,
-        healthy_delivered: run.delivered,
-        healthy: run.latency,
-        p99_ratio: ratio(run.latency.p99_ms, Some(paced_p99)),
-    });
-    push_memory(report, &sender, "3–4: paced and isolation runs");
-    sender.stop(STOP_GRACE);
-    drop(hanging);
+        // 4. The same with one event in five going to a receiver that hangs.
+        if options.runs(Phase::Isolation) {
+            let healthy = Receiver::start().await?;
+            let hanging = Receiver::hanging(sizes.hang).await?;
+            let run = paced(
+                broker,
+                secret,
+                pace,
+                sizes,
+                &healthy,
+                healthy.url("/hook"),
+                Some(&hanging),
+                &pid,
+            )
+            .await?;
+            hanging.release();
+            report.isolation = Some(Isolation {
+                target_rate: pace,
+                hanging_share: 1.0 / HANGING_SHARE as f64,
+                healthy_published: run.published,
+                healthy_delivered: run.delivered,
+                healthy: run.latency,
+                p99_ratio: ratio(run.latency.p99_ms, Some(paced_p99)),
+                publish: run.publish,
+                cpu: run.cpu,
+            });
+            drop(hanging);
+        }
+        push_memory(report, &proc, "3–4: paced and isolation runs");
+        proc.stop(STOP_GRACE);
+        purge(&outcomes).await;
+        // What the hanging receiver left behind must not reach the next phase.
+        purge(&queue).await;
+        for bucket in WAIT_BUCKETS {
+            purge(&broker.topology().queue(&Topology::wait_route(bucket))).await;
+        }
+    }
 
     // 7. Two senders on the same queue.
-    {
+    if options.runs(Phase::ScaleOut) {
         let receiver = Receiver::start().await?;
         preload(broker, &receiver.url("/hook"), secret, n).await?;
         let mut a = env.spawn("conduit-webhook-sender", 1, &[])?;
@@ -275,19 +425,36 @@ async fn delivery_phases(
         a.wait_ready(READY).await?;
         b.wait_ready(READY).await?;
         let two = drain_rate(&receiver, n, sizes.drain_timeout, report, "two senders").await;
+        let one = drain.unwrap_or(0.0);
         report.scale_out = Some(ScaleOut {
             one_sender_rate: one,
             two_senders_rate: two,
-            ratio: ratio(two, Some(one)),
+            ratio: ratio(two, drain),
         });
         push_memory(report, &a, "7: one of two senders");
         a.stop(STOP_GRACE);
         b.stop(STOP_GRACE);
+        purge(&outcomes).await;
     }
-
-    // 5. Render, last: nothing else runs while it measures.
-    report.render = Some(render_phase(options.mode, sizes, report).await?);
     Ok(())
+}
+
+/// Empties a queue of the run's namespace (best effort): attempt outcomes nobody
+/// consumes here would otherwise pile up from phase to phase and change what the broker
+/// works with.
+async fn purge(queue: &str) {
+    let purged = async {
+        let conn =
+            lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
+            .await?;
+        let _ = channel.close(200, "done".into()).await;
+        let _ = conn.close(200, "done".into()).await;
+        anyhow::Ok(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), purged).await;
 }
 
 async fn pgbench_at(
@@ -485,36 +652,48 @@ struct PacedRun {
     published: usize,
     delivered: usize,
     latency: Latency,
+    publish: PublishStats,
+    cpu: Vec<CpuUse>,
 }
 
-/// Publishes webhooks at `rate` per second for `secs` (every 5 ms, the ones due), one
-/// in [`HANGING_SHARE`] to `hanging` when given; latency is from the publish call to
-/// the arrival at `healthy`.
+/// Publishes webhooks at `rate` per second (every 5 ms, the ones due), one in
+/// [`HANGING_SHARE`] to `hanging` when given, for the warm-up and then the measured
+/// seconds; latency is from the publish call to the arrival at `healthy`, of the events
+/// published after the warm-up (the first seconds open connections and fill pools).
 #[allow(clippy::too_many_arguments)]
 async fn paced(
     broker: &Broker,
     secret: &str,
     rate: f64,
-    secs: u64,
+    sizes: &Sizes,
     healthy: &dyn baseline::Arrivals,
     healthy_url: String,
     hanging: Option<&Receiver>,
+    cpu_of: &[(&str, u32)],
 ) -> anyhow::Result<PacedRun> {
     let published: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let confirms: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let failed = Arc::new(AtomicBool::new(false));
     let hanging_url = hanging.map(|h| h.url("/hook"));
-    let total = (rate * secs as f64) as usize;
+    let secs = sizes.paced_warmup.as_secs_f64() + sizes.paced_secs as f64;
+    let total = (rate * secs) as usize;
     let start = Instant::now();
+    let measure_from = start + sizes.paced_warmup;
+    let mut meter = None;
     let mut sent = 0usize;
+    let mut healthy_sent = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut batches = tokio::task::JoinSet::new();
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    while sent < total && start.elapsed() < Duration::from_secs(secs + 5) {
+    while sent < total && start.elapsed().as_secs_f64() < secs + 5.0 {
         tick.tick().await;
         let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(total);
         if due <= sent {
             continue;
+        }
+        let measured = Instant::now() >= measure_from;
+        if measured && meter.is_none() {
+            meter = Some((CpuMeter::start(cpu_of), sent));
         }
         let mut batch = Vec::with_capacity(due - sent);
         let mut ids = Vec::new();
@@ -522,18 +701,20 @@ async fn paced(
             let to_hang = hanging_url.as_ref().filter(|_| i % HANGING_SHARE == 0);
             let (id, out) = delivery(to_hang.unwrap_or(&healthy_url), secret);
             if to_hang.is_none() {
-                ids.push(id);
+                healthy_sent += 1;
+                if measured {
+                    ids.push(id);
+                }
             }
             batch.push(out);
         }
         sent = due;
-        let (broker, published, failed, in_flight) = (
+        let (broker, published, failed, confirms) = (
             broker.clone(),
             published.clone(),
             failed.clone(),
-            in_flight.clone(),
+            confirms.clone(),
         );
-        in_flight.fetch_add(1, Ordering::Relaxed);
         batches.spawn(async move {
             let at = Instant::now();
             if let Ok(mut m) = published.lock() {
@@ -542,18 +723,22 @@ async fn paced(
             if broker.publish_batch(&batch).await.is_err() {
                 failed.store(true, Ordering::Relaxed);
             }
-            in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Ok(mut c) = confirms.lock() {
+                c.push(at.elapsed());
+            }
         });
         while batches.try_join_next().is_some() {}
     }
+    let published_for = start.elapsed();
     while batches.join_next().await.is_some() {}
     let expected: HashMap<String, Instant> =
         published.lock().map(|m| m.clone()).unwrap_or_default();
     // Wait (bounded) for the healthy receiver to have every one of its webhooks.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while healthy.count() < expected.len() && Instant::now() < deadline {
+    while healthy.count() < healthy_sent && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu = meter.map_or_else(Vec::new, |(m, from)| m.finish(sent - from));
     let arrivals = healthy.arrivals();
     let mut latencies: Vec<Duration> = expected
         .iter()
@@ -562,10 +747,80 @@ async fn paced(
     if failed.load(Ordering::Relaxed) {
         anyhow::bail!("a paced publish was not confirmed by RabbitMQ");
     }
+    let mut confirms = confirms.lock().map(|c| c.clone()).unwrap_or_default();
     Ok(PacedRun {
         published: expected.len(),
         delivered: latencies.len(),
         latency: Latency::of(&mut latencies),
+        publish: PublishStats {
+            target_rate: rate,
+            achieved_rate: per_second(sent, published_for),
+            batches: confirms.len(),
+            confirm: Latency::of(&mut confirms),
+        },
+        cpu,
+    })
+}
+
+/// The highest rate the sender keeps up with while events are being published: a
+/// publisher keeps a few confirmed batches in flight, as fast as the broker takes them,
+/// while the sender delivers; the rate is what arrives at the receiver after a warm-up.
+/// When the webhooks queue does not grow, the publisher (not the sender) was the limit
+/// and the figure is a lower bound.
+async fn sustained(
+    broker: &Broker,
+    secret: &str,
+    receiver: &Receiver,
+    sizes: &Sizes,
+    sender: &Proc,
+) -> anyhow::Result<Sustained> {
+    const BATCH: usize = 200;
+    const IN_FLIGHT: usize = 4;
+    let url = receiver.url("/hook");
+    let stop = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicUsize::new(0));
+    let mut publishers = tokio::task::JoinSet::new();
+    for _ in 0..IN_FLIGHT {
+        let (broker, url, secret, stop, published) = (
+            broker.clone(),
+            url.clone(),
+            secret.to_owned(),
+            stop.clone(),
+            published.clone(),
+        );
+        publishers.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<Outgoing> = (0..BATCH).map(|_| delivery(&url, &secret).1).collect();
+                broker
+                    .publish_batch(&batch)
+                    .await
+                    .context("publishing at the sustained rate")?;
+                published.fetch_add(BATCH, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        });
+    }
+    tokio::time::sleep(sizes.paced_warmup).await;
+    let (from_published, from_delivered) = (published.load(Ordering::Relaxed), receiver.count());
+    let meter = CpuMeter::start(&[("conduit-webhook-sender", sender.pid().unwrap_or(0))]);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(sizes.sustain_secs)).await;
+    let elapsed = started.elapsed();
+    let (to_published, to_delivered) = (published.load(Ordering::Relaxed), receiver.count());
+    stop.store(true, Ordering::Relaxed);
+    let cpu = meter.finish(to_delivered - from_delivered);
+    while let Some(joined) = publishers.join_next().await {
+        joined.context("a publisher panicked")??;
+    }
+    let total = published.load(Ordering::Relaxed);
+    // Let the backlog drain so the next phase starts from an empty queue.
+    receiver.wait_for(total, sizes.drain_timeout).await;
+    Ok(Sustained {
+        seconds: elapsed.as_secs_f64(),
+        published_rate: per_second(to_published - from_published, elapsed),
+        delivered_rate: per_second(to_delivered - from_delivered, elapsed),
+        backlog_at_end: to_published.saturating_sub(to_delivered),
+        cpu,
     })
 }
 

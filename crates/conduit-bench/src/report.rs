@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::{
     baseline::{FfmpegResult, PgbenchResult},
+    cpu::CpuUse,
     stats::{ratio, Latency},
     Mode,
 };
@@ -28,8 +29,11 @@ pub struct Report {
     pub load_after: String,
     pub command: String,
     pub wall_seconds: f64,
+    pub phases: Vec<crate::Phase>,
     pub submit: Vec<SubmitRow>,
     pub delivery: Option<Delivery>,
+    /// The rate the paced runs take half of.
+    pub sustained: Option<Sustained>,
     pub paced: Option<Paced>,
     pub isolation: Option<Isolation>,
     pub render: Option<Render>,
@@ -59,6 +63,32 @@ pub struct Delivery {
     pub wrk_rate: Option<f64>,
     pub ratio_bare: Option<f64>,
     pub ratio_wrk: Option<f64>,
+    /// CPU of RabbitMQ and this tool while the bare consumer drained.
+    pub bare_cpu: Vec<CpuUse>,
+    /// CPU of the sender, RabbitMQ and this tool (the receiver) while the sender drained.
+    pub sender_cpu: Vec<CpuUse>,
+}
+
+/// Events published as fast as the broker confirms them while one sender delivers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sustained {
+    pub seconds: f64,
+    pub published_rate: f64,
+    pub delivered_rate: f64,
+    /// Published but not yet delivered when the measurement ended: small when the
+    /// publisher, not the sender, was the limit.
+    pub backlog_at_end: usize,
+    pub cpu: Vec<CpuUse>,
+}
+
+/// How the paced publisher itself did: whether it kept its pace, and how long the
+/// broker took to confirm its batches.
+#[derive(Debug, Clone, Serialize)]
+pub struct PublishStats {
+    pub target_rate: f64,
+    pub achieved_rate: f64,
+    pub batches: usize,
+    pub confirm: Latency,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,6 +99,8 @@ pub struct Paced {
     pub latency: Latency,
     /// The same pace drained by a bare consumer instead of the sender.
     pub broker_only: Option<Latency>,
+    pub publish: PublishStats,
+    pub cpu: Vec<CpuUse>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +112,8 @@ pub struct Isolation {
     pub healthy: Latency,
     /// Healthy p99 over the paced run's p99.
     pub p99_ratio: Option<f64>,
+    pub publish: PublishStats,
+    pub cpu: Vec<CpuUse>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -242,6 +276,49 @@ pub fn render_markdown(r: &Report) -> String {
             d.wrk_rate.map_or("n/a".into(), f0),
             ratio_cell(d.ratio_wrk),
         );
+        if !d.sender_cpu.is_empty() || !d.bare_cpu.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nCPU per 1000 webhooks (ms) while draining; the machine has {} core(s):\n\n\
+                 | process | bare consumer drain | sender drain |\n|---|---|---|",
+                r.cores
+            );
+            let mut names: Vec<&str> = d.sender_cpu.iter().map(|c| c.process.as_str()).collect();
+            for c in &d.bare_cpu {
+                if !names.contains(&c.process.as_str()) {
+                    names.push(&c.process);
+                }
+            }
+            let cell = |list: &[CpuUse], name: &str| {
+                list.iter()
+                    .find(|c| c.process == name)
+                    .map_or("–".into(), |c| {
+                        format!("{:.0} ({:.2} cores)", c.ms_per_1000, c.cores)
+                    })
+            };
+            for name in names {
+                let _ = writeln!(
+                    s,
+                    "| {name} | {} | {} |",
+                    cell(&d.bare_cpu, name),
+                    cell(&d.sender_cpu, name)
+                );
+            }
+        }
+    }
+
+    if let Some(su) = &r.sustained {
+        let _ = writeln!(
+            s,
+            "\n**Sustainable rate** (events published as fast as RabbitMQ confirms them while \
+             the sender delivers, {:.0} s after a warm-up): {} published/s, {} delivered/s, \
+             {} still queued at the end. The paced runs below go at half of the lower of this \
+             and the drain rate of 2.",
+            su.seconds,
+            f0(su.published_rate),
+            f0(su.delivered_rate),
+            su.backlog_at_end
+        );
     }
 
     if r.paced.is_some() || r.isolation.is_some() {
@@ -253,7 +330,7 @@ pub fn render_markdown(r: &Report) -> String {
         if let Some(p) = &r.paced {
             let _ = writeln!(
                 s,
-                "| 3. paced at 50 % of the delivery rate | {} | {}/{} | {:.1} | {:.1} | {:.1} |",
+                "| 3. paced at 50 % of the sustainable rate | {} | {}/{} | {:.1} | {:.1} | {:.1} |",
                 f0(p.target_rate),
                 p.delivered,
                 p.published,
@@ -289,6 +366,31 @@ pub fn render_markdown(r: &Report) -> String {
                 s,
                 "\nHealthy p99 with the hanging receiver / p99 of run 3: {}",
                 ratio_cell(i.p99_ratio)
+            );
+        }
+        let publishers = [
+            r.paced.as_ref().map(|p| ("3", &p.publish, &p.cpu)),
+            r.isolation.as_ref().map(|i| ("4", &i.publish, &i.cpu)),
+        ];
+        let _ = writeln!(
+            s,
+            "\nThe publisher of each run (latencies count only events published after a \
+             warm-up):\n\n| run | target/s | published/s | batch confirm p50 ms | p99 ms | \
+             CPU ms per 1000 events |\n|---|---|---|---|---|---|"
+        );
+        for (run, p, cpu) in publishers.into_iter().flatten() {
+            let cpu = cpu
+                .iter()
+                .map(|c| format!("{} {:.0}", c.process, c.ms_per_1000))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                s,
+                "| {run} | {} | {} | {:.1} | {:.1} | {cpu} |",
+                f0(p.target_rate),
+                f0(p.achieved_rate),
+                p.confirm.p50_ms,
+                p.confirm.p99_ms
             );
         }
     }
