@@ -114,10 +114,13 @@ impl OutboxRelay {
         // Taking the rows is deleting them: the delete holds their row locks, so other
         // relays skip them, and it only counts once the publish is confirmed and the
         // transaction commits. Rolled back (a failed publish, a crash), they stay.
+        // `= ANY(ARRAY(...))` keeps the delete on the primary key: an `IN (subquery)`
+        // may be planned as a hash join over a sequential scan of a table that, between
+        // vacuums, is mostly dead rows.
         let stmt = tx
             .prepare_cached(
-                "DELETE FROM outbox WHERE id IN (
-                     SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                "DELETE FROM outbox WHERE id = ANY(ARRAY(
+                     SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
                  RETURNING id, target, route, body, task_id, message_id",
             )
             .await
