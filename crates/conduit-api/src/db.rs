@@ -11,8 +11,14 @@ use tokio_postgres::NoTls;
 use tracing::info;
 
 /// Every migration, in order. Never edit one that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "init", include_str!("../migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "init", include_str!("../migrations/0001_init.sql")),
+    (
+        2,
+        "no per-row key checks",
+        include_str!("../migrations/0002_no_per_row_key_checks.sql"),
+    ),
+];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x636f_6e64_7569_7401;

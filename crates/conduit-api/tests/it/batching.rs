@@ -271,19 +271,16 @@ async fn an_empty_webhook_subscription_survives_the_batch() {
 async fn a_submit_the_database_refuses_fails_alone() {
     let db = Db::new().await;
     let me = db.caller("me").await;
-    // A caller whose key is not in api_keys: its task breaks the foreign key, which
-    // fails the batch's statement; the others must still be written.
-    let ghost = Caller {
-        key_id: Uuid::now_v7(),
-        webhook_secret: "whsec_x".into(),
-    };
     let a = db.request(&body());
-    let submits = vec![
+    let mut submits = vec![
         NewSubmit::new(&me, &a, None).unwrap(),
-        NewSubmit::new(&ghost, &a, None).unwrap(),
+        NewSubmit::new(&me, &a, None).unwrap(),
         NewSubmit::new(&me, &a, Some("kept")).unwrap(),
         NewSubmit::new(&me, &a, None).unwrap(),
     ];
+    // PostgreSQL refuses a NUL in text: this row fails the batch's statement, and the
+    // others must still be written.
+    submits[1].task.prompt = "bad \0 prompt".into();
     let ids: Vec<Uuid> = submits.iter().map(|s| s.task.id).collect();
     let (outcomes, metrics) = write_in_one_batch(&db, submits).await;
     assert_eq!(metrics.submit_batch_size.get_sample_count(), 1);
@@ -303,6 +300,25 @@ async fn a_submit_the_database_refuses_fails_alone() {
     assert_eq!(db.count("SELECT count(*) FROM tasks").await, 3);
     assert_eq!(db.count("SELECT count(*) FROM outbox").await, 3);
     assert_eq!(db.count("SELECT count(*) FROM idempotency_keys").await, 1);
+    db.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_is_never_deleted_so_its_tasks_always_name_it() {
+    let db = Db::new().await;
+    let me = db.caller("me").await;
+    let s = NewSubmit::new(&me, &db.request(&body()), None).unwrap();
+    tasks::submit_one(&db.pool, &s).await.unwrap();
+    let client = db.pool.get().await.unwrap();
+    let err = client
+        .execute("DELETE FROM api_keys WHERE id = $1", &[&me.key_id])
+        .await
+        .expect_err("deleting a key is refused");
+    let db_err = err.as_db_error().expect("refused by the database");
+    assert_eq!(db_err.code().code(), "23001", "{db_err:?}");
+    assert!(db_err.message().contains("revoke"), "{db_err:?}");
+    assert!(keys::revoke(&db.pool, me.key_id).await.unwrap());
+    drop(client);
     db.stop().await;
 }
 
