@@ -292,7 +292,6 @@ pub async fn submit(
         guard_webhook_target(url, state.settings.webhooks.allow_private_targets).await?;
     }
     let submit = NewSubmit::new(&caller, &request, idempotency.as_deref())?;
-    tracing::Span::current().record("task_id", tracing::field::display(submit.task.id));
     let outcome = state.submits.submit(submit).await?;
     let task = match outcome {
         Submitted::Created(task) => {
