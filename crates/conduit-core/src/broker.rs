@@ -381,7 +381,8 @@ impl Broker {
                         continue 'session;
                     }
                 };
-                let incoming = incoming(&delivery);
+                let mut delivery = delivery;
+                let incoming = incoming(&mut delivery);
                 let span = tracing::info_span!("delivery", queue = %label, traceparent = incoming.traceparent.as_deref().unwrap_or(""));
                 let handler = handler.clone();
                 let token = shutdown.child_token();
@@ -733,7 +734,8 @@ async fn drain(mut in_flight: JoinSet<()>, label: &str) {
     }
 }
 
-fn incoming(delivery: &lapin::message::Delivery) -> Incoming {
+/// What the handler gets; the body moves out of the delivery (only its acker is kept).
+fn incoming(delivery: &mut lapin::message::Delivery) -> Incoming {
     let headers = delivery.properties.headers().as_ref();
     let header = |name: &str| headers.and_then(|h| h.inner().get(name));
     let delivery_count = header("x-delivery-count").and_then(as_u32).unwrap_or(0);
@@ -743,7 +745,7 @@ fn incoming(delivery: &lapin::message::Delivery) -> Incoming {
         _ => None,
     });
     Incoming {
-        body: delivery.data.clone(),
+        body: std::mem::take(&mut delivery.data),
         routing_key: delivery.routing_key.to_string(),
         redelivered: delivery.redelivered,
         delivery_count,
