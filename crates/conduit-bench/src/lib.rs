@@ -74,6 +74,8 @@ pub struct Sizes {
     pub paced_warmup: Duration,
     /// Measured part of the sustained-rate run.
     pub sustain_secs: u64,
+    /// Paced and isolation runs, taking turns, pooled per kind.
+    pub latency_rounds: usize,
     pub hang: Duration,
     pub render_size: (u32, u32),
     pub render_seconds: u32,
@@ -91,9 +93,10 @@ impl Sizes {
                 generator_jobs: 100,
                 deliveries: 20_000,
                 wrk_secs: 10,
-                paced_secs: 20,
+                paced_secs: 15,
                 paced_warmup: Duration::from_secs(2),
                 sustain_secs: 8,
+                latency_rounds: 2,
                 hang: Duration::from_secs(30),
                 render_size: (1280, 720),
                 render_seconds: 10,
@@ -110,6 +113,7 @@ impl Sizes {
                 paced_secs: 1,
                 paced_warmup: Duration::from_millis(200),
                 sustain_secs: 1,
+                latency_rounds: 1,
                 hang: Duration::from_secs(30),
                 render_size: (320, 240),
                 render_seconds: 1,

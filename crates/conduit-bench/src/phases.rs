@@ -353,35 +353,13 @@ async fn delivery_phases(
 
         let mut proc = env.spawn("conduit-webhook-sender", 3, &[])?;
         proc.wait_ready(READY).await?;
-        let healthy = Receiver::start().await?;
         let pid = [("conduit-webhook-sender", proc.pid().unwrap_or(0))];
-        let run = paced(
-            broker,
-            secret,
-            pace,
-            sizes,
-            &healthy,
-            healthy.url("/hook"),
-            None,
-            &pid,
-        )
-        .await?;
-        purge(&outcomes).await;
-        let paced_p99 = run.latency.p99_ms;
-        report.paced = Some(Paced {
-            target_rate: pace,
-            published: run.published,
-            delivered: run.delivered,
-            latency: run.latency,
-            broker_only: Some(broker_only),
-            publish: run.publish,
-            cpu: run.cpu,
-        });
-
-        // 4. The same with one event in five going to a receiver that hangs.
-        if options.runs(Phase::Isolation) {
+        // Runs 3 and 4 take turns, so that both see the same spells of load from the
+        // rest of the machine; their latencies are pooled per kind.
+        let mut paced_runs = Vec::new();
+        let mut isolation_runs = Vec::new();
+        for _ in 0..sizes.latency_rounds {
             let healthy = Receiver::start().await?;
-            let hanging = Receiver::hanging(sizes.hang).await?;
             let run = paced(
                 broker,
                 secret,
@@ -389,12 +367,58 @@ async fn delivery_phases(
                 sizes,
                 &healthy,
                 healthy.url("/hook"),
-                Some(&hanging),
+                None,
                 &pid,
             )
             .await?;
-            hanging.release();
+            purge(&outcomes).await;
+            paced_runs.push(run);
+
+            // 4. The same with one event in five going to a receiver that hangs.
+            if options.runs(Phase::Isolation) {
+                let healthy = Receiver::start().await?;
+                let hanging = Receiver::hanging(sizes.hang).await?;
+                let parked_before = parked_total(&proc).await;
+                let mut run = paced(
+                    broker,
+                    secret,
+                    pace,
+                    sizes,
+                    &healthy,
+                    healthy.url("/hook"),
+                    Some(&hanging),
+                    &pid,
+                )
+                .await?;
+                run.parked = parked_total(&proc).await - parked_before;
+                run.hanging_requests = hanging.count();
+                hanging.release();
+                drop(hanging);
+                // The hanging receiver's deliveries, parked for later, are done with.
+                for bucket in WAIT_BUCKETS {
+                    purge(&broker.topology().queue(&Topology::wait_route(bucket))).await;
+                }
+                purge(&outcomes).await;
+                isolation_runs.push(run);
+            }
+        }
+        let paced = PacedRun::pool(paced_runs);
+        let paced_p99 = paced.latency.p99_ms;
+        report.paced = Some(Paced {
+            target_rate: pace,
+            published: paced.published,
+            delivered: paced.delivered,
+            latency: paced.latency,
+            broker_only: Some(broker_only),
+            publish: paced.publish,
+            cpu: paced.cpu,
+            rounds: paced.rounds,
+        });
+        if !isolation_runs.is_empty() {
+            let run = PacedRun::pool(isolation_runs);
             report.isolation = Some(Isolation {
+                hanging_requests: run.hanging_requests,
+                parked: run.parked,
                 target_rate: pace,
                 hanging_share: 1.0 / HANGING_SHARE as f64,
                 healthy_published: run.published,
@@ -403,8 +427,8 @@ async fn delivery_phases(
                 p99_ratio: ratio(run.latency.p99_ms, Some(paced_p99)),
                 publish: run.publish,
                 cpu: run.cpu,
+                rounds: run.rounds,
             });
-            drop(hanging);
         }
         push_memory(report, &proc, "3–4: paced and isolation runs");
         proc.stop(STOP_GRACE);
@@ -437,6 +461,18 @@ async fn delivery_phases(
         purge(&outcomes).await;
     }
     Ok(())
+}
+
+/// The sender's `conduit_webhook_parked_total`, all reasons (0 when unreadable).
+async fn parked_total(sender: &Proc) -> f64 {
+    let Ok(response) = reqwest::get(sender.url("/metrics")).await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("conduit_webhook_parked_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Empties a queue of the run's namespace (best effort): attempt outcomes nobody
@@ -652,8 +688,54 @@ struct PacedRun {
     published: usize,
     delivered: usize,
     latency: Latency,
+    samples: Vec<Duration>,
     publish: PublishStats,
     cpu: Vec<CpuUse>,
+    parked: f64,
+    hanging_requests: usize,
+    /// Each run's own figures, when several were pooled.
+    rounds: Vec<Latency>,
+}
+
+impl PacedRun {
+    /// Several runs of the same kind as one: samples pooled, counts summed, the
+    /// publisher's and CPU figures of the last run.
+    fn pool(runs: Vec<PacedRun>) -> PacedRun {
+        let rounds: Vec<Latency> = runs.iter().map(|r| r.latency).collect();
+        let mut samples = Vec::new();
+        let (mut published, mut delivered, mut parked, mut hanging) = (0, 0, 0.0, 0);
+        let mut last = None;
+        for run in runs {
+            published += run.published;
+            delivered += run.delivered;
+            parked += run.parked;
+            hanging += run.hanging_requests;
+            samples.extend_from_slice(&run.samples);
+            last = Some((run.publish, run.cpu));
+        }
+        let (publish, cpu) = last.unwrap_or_else(|| {
+            (
+                PublishStats {
+                    target_rate: 0.0,
+                    achieved_rate: 0.0,
+                    batches: 0,
+                    confirm: Latency::default(),
+                },
+                Vec::new(),
+            )
+        });
+        PacedRun {
+            published,
+            delivered,
+            latency: Latency::of(&mut samples),
+            samples,
+            publish,
+            cpu,
+            parked,
+            hanging_requests: hanging,
+            rounds,
+        }
+    }
 }
 
 /// Publishes webhooks at `rate` per second (every 5 ms, the ones due), one in
@@ -752,6 +834,10 @@ async fn paced(
         published: expected.len(),
         delivered: latencies.len(),
         latency: Latency::of(&mut latencies),
+        samples: latencies,
+        parked: 0.0,
+        hanging_requests: 0,
+        rounds: Vec::new(),
         publish: PublishStats {
             target_rate: rate,
             achieved_rate: per_second(sent, published_for),

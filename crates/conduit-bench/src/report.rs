@@ -101,6 +101,8 @@ pub struct Paced {
     pub broker_only: Option<Latency>,
     pub publish: PublishStats,
     pub cpu: Vec<CpuUse>,
+    /// Each run's own figures (the runs alternate with the isolation runs).
+    pub rounds: Vec<Latency>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -112,8 +114,13 @@ pub struct Isolation {
     pub healthy: Latency,
     /// Healthy p99 over the paced run's p99.
     pub p99_ratio: Option<f64>,
+    /// Requests the hanging receiver got (held until the run ended).
+    pub hanging_requests: usize,
+    /// Deliveries the sender parked in wait queues during the run (all reasons).
+    pub parked: f64,
     pub publish: PublishStats,
     pub cpu: Vec<CpuUse>,
+    pub rounds: Vec<Latency>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -364,8 +371,29 @@ pub fn render_markdown(r: &Report) -> String {
             );
             let _ = writeln!(
                 s,
-                "\nHealthy p99 with the hanging receiver / p99 of run 3: {}",
-                ratio_cell(i.p99_ratio)
+                "\nHealthy p99 with the hanging receiver / p99 of run 3: {} (the hanging \
+                 receiver held {} requests; the sender parked {:.0} deliveries in wait queues)",
+                ratio_cell(i.p99_ratio),
+                i.hanging_requests,
+                i.parked
+            );
+        }
+        let rounds = |l: &[Latency]| {
+            l.iter()
+                .map(|r| format!("{:.1}", r.p99_ms))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if let Some(p) = r.paced.as_ref().filter(|p| p.rounds.len() > 1) {
+            let _ = writeln!(
+                s,
+                "\nRuns 3 and 4 took turns ({} of each, pooled above); p99 ms of each run 3: {}{}.",
+                p.rounds.len(),
+                rounds(&p.rounds),
+                r.isolation.as_ref().map_or(String::new(), |i| format!(
+                    "; of each run 4: {}",
+                    rounds(&i.rounds)
+                ))
             );
         }
         let publishers = [
