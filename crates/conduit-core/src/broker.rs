@@ -615,17 +615,17 @@ async fn settle_loop(
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        // Requeues and rejects first, one by one: a multiple ack sent after them no
-        // longer covers them.
+        // Requeues and rejects first (all of them sent before going on): a multiple ack
+        // sent after them no longer covers them.
+        let mut others = Vec::new();
         for s in batch {
             if s.disposition == Disposition::Ack {
                 acks.insert(s.tag, s);
             } else {
-                settle_one(&s.acker, s.disposition).await;
-                lock(&outstanding).remove(&s.tag);
-                let _ = s.done.send(());
+                others.push(s);
             }
         }
+        settle_each(others, &outstanding).await;
         // The highest tag up to which every unsettled delivery asked for an ack.
         let upto = {
             let outstanding = lock(&outstanding);
@@ -661,21 +661,32 @@ async fn settle_loop(
             .filter(|(_, s)| now >= s.asked + ACK_COALESCE)
             .map(|(tag, _)| *tag)
             .collect();
-        for tag in due {
-            if let Some(s) = acks.remove(&tag) {
-                settle_one(&s.acker, Disposition::Ack).await;
-                lock(&outstanding).remove(&tag);
-                let _ = s.done.send(());
-            }
-        }
+        let due: Vec<Settle> = due.iter().filter_map(|tag| acks.remove(tag)).collect();
+        settle_each(due, &outstanding).await;
     }
     // Every handler is gone; settle what was asked for.
-    for (tag, s) in std::mem::take(&mut acks) {
-        settle_one(&s.acker, Disposition::Ack).await;
-        lock(&outstanding).remove(&tag);
+    settle_each(
+        std::mem::take(&mut acks).into_values().collect(),
+        &outstanding,
+    )
+    .await;
+    drop(channel);
+}
+
+/// Settles each one on its own, all at once, and tells their handlers.
+async fn settle_each(
+    settles: Vec<Settle>,
+    outstanding: &std::sync::Mutex<std::collections::BTreeSet<u64>>,
+) {
+    if settles.is_empty() {
+        return;
+    }
+    futures::future::join_all(settles.iter().map(|s| settle_one(&s.acker, s.disposition))).await;
+    let mut outstanding = lock(outstanding);
+    for s in settles {
+        outstanding.remove(&s.tag);
         let _ = s.done.send(());
     }
-    drop(channel);
 }
 
 async fn settle_one(acker: &lapin::Acker, disposition: Disposition) {
