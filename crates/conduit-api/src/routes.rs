@@ -121,6 +121,15 @@ pub struct ModelView {
     pub available: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_duration: Option<u32>,
+    /// The only durations, in seconds, the model makes, when it is that strict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub durations: Option<Vec<u32>>,
+    /// The only sizes the model makes (`WIDTHxHEIGHT`), when it is that strict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<Vec<String>>,
+    /// The provider's resolution names a request's size maps to (`512P`, `768P`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolutions: Option<Vec<String>>,
     /// The setting that makes the model available, while it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub missing_setting: Option<String>,
@@ -537,6 +546,13 @@ pub async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpResponse
             provider: m.provider.clone(),
             available: m.available(),
             max_duration: m.max_duration,
+            durations: m.settings.durations.clone(),
+            sizes: m.settings.sizes.clone(),
+            resolutions: m
+                .settings
+                .resolutions
+                .as_ref()
+                .map(|tiers| tiers.iter().map(|t| t.name.clone()).collect()),
             missing_setting: m.missing_setting.clone(),
         })
         .collect();

@@ -144,6 +144,12 @@ async fn models_lists_every_configured_model_and_its_availability() {
         minimax["missing_setting"],
         "CONDUIT__PROVIDERS__MINIMAX__API_KEY"
     );
+    // What each model can make is listed, so a client need not learn it from a 400.
+    assert_eq!(minimax["durations"], json!([6, 10]));
+    assert_eq!(minimax["resolutions"], json!(["512P", "768P", "1080P"]));
+    let openai = data.iter().find(|m| m["id"] == "openai-video").unwrap();
+    assert_eq!(openai["sizes"], json!(["1280x720", "720x1280"]));
+    assert!(local.get("durations").is_none());
     app.stop().await;
 }
 
