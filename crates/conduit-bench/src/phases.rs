@@ -234,23 +234,19 @@ async fn delivery_phases(
     let n = sizes.deliveries;
     let queue = broker.topology().queue(route::WEBHOOKS);
     let outcomes = broker.topology().queue(route::OUTCOMES);
-    let mut sender = None;
     let mut drain = None;
 
     if options.runs(Phase::Delivery) {
-        // 2a. Bare consumer drain of the same queue.
-        let bare = {
-            let receiver = Receiver::start().await?;
-            preload(broker, &receiver.url("/hook"), secret, n).await?;
-            let meter = CpuMeter::start(&[]);
-            match baseline::bare_drain(&queue, n, prefetch, sizes.drain_timeout).await {
-                Ok(rate) => Some((rate, meter.finish(n))),
-                Err(e) => {
-                    report.notes.push(format!("bare consumer: {e:#}"));
-                    None
-                }
-            }
-        };
+        // 2a. Bare consumer drains of the same queue, one right before and one right
+        // after the sender's: the machine's other load moves a single drain by up to a
+        // factor of two, and the sender is compared with the mean of the two around it.
+        let mut bare_runs = Vec::new();
+        let mut bare_cpu = Vec::new();
+        if let Some((rate, cpu)) = bare_run(broker, secret, &queue, prefetch, sizes, report).await?
+        {
+            bare_runs.push(rate);
+            bare_cpu = cpu;
+        }
 
         // 2b. One sender draining the same number of webhooks.
         let receiver = Receiver::start().await?;
@@ -261,7 +257,12 @@ async fn delivery_phases(
         let one = drain_rate(&receiver, n, sizes.drain_timeout, report, "one sender").await;
         let sender_cpu = meter.finish(n);
         push_memory(report, &proc, "2: draining the queued webhooks");
+        proc.stop(STOP_GRACE);
         purge(&outcomes).await;
+
+        if let Some((rate, _)) = bare_run(broker, secret, &queue, prefetch, sizes, report).await? {
+            bare_runs.push(rate);
+        }
 
         // 2c. wrk against a receiver of its own, same body.
         let wrk = if baseline::have("wrk") {
@@ -288,19 +289,20 @@ async fn delivery_phases(
                 .push("wrk is not installed: no raw HTTP baseline".into());
             None
         };
-        let bare_rate = bare.as_ref().map(|b| b.0);
+        let bare_rate =
+            (!bare_runs.is_empty()).then(|| bare_runs.iter().sum::<f64>() / bare_runs.len() as f64);
         report.delivery = Some(Delivery {
             messages: n,
             sender_rate: one,
             bare_consumer_rate: bare_rate,
+            bare_consumer_runs: bare_runs,
             wrk_rate: wrk,
             ratio_bare: ratio(one, bare_rate),
             ratio_wrk: ratio(one, wrk),
-            bare_cpu: bare.map(|b| b.1).unwrap_or_default(),
+            bare_cpu,
             sender_cpu,
         });
         drain = Some(one);
-        sender = Some(proc);
     }
 
     let mut pace = options.pace;
@@ -310,14 +312,8 @@ async fn delivery_phases(
         // rate of 2 is measured with nobody publishing, so half of it can be most of
         // what the broker manages once it also takes the events in.
         if pace.is_none() {
-            let mut proc = match sender.take() {
-                Some(p) => p,
-                None => {
-                    let mut p = env.spawn("conduit-webhook-sender", 0, &[])?;
-                    p.wait_ready(READY).await?;
-                    p
-                }
-            };
+            let mut proc = env.spawn("conduit-webhook-sender", 0, &[])?;
+            proc.wait_ready(READY).await?;
             let receiver = Receiver::start().await?;
             let s = sustained(broker, secret, &receiver, sizes, &proc).await?;
             proc.stop(STOP_GRACE);
@@ -326,9 +322,6 @@ async fn delivery_phases(
             pace = Some((basis * 0.5).max(1.0));
             report.sustained = Some(s);
         }
-    }
-    if let Some(mut proc) = sender.take() {
-        proc.stop(STOP_GRACE);
     }
     let pace = pace.unwrap_or(1.0);
 
@@ -461,6 +454,30 @@ async fn delivery_phases(
         purge(&outcomes).await;
     }
     Ok(())
+}
+
+/// Preloads the queue and drains it with a bare consumer: its rate and the CPU it took,
+/// or `None` (with a note) when it could not finish.
+async fn bare_run(
+    broker: &Broker,
+    secret: &str,
+    queue: &str,
+    prefetch: u16,
+    sizes: &Sizes,
+    report: &mut Report,
+) -> anyhow::Result<Option<(f64, Vec<CpuUse>)>> {
+    let n = sizes.deliveries;
+    preload(broker, "http://127.0.0.1:9/unused", secret, n).await?;
+    let meter = CpuMeter::start(&[]);
+    Ok(
+        match baseline::bare_drain(queue, n, prefetch, sizes.drain_timeout).await {
+            Ok(rate) => Some((rate, meter.finish(n))),
+            Err(e) => {
+                report.notes.push(format!("bare consumer: {e:#}"));
+                None
+            }
+        },
+    )
 }
 
 /// The sender's `conduit_webhook_parked_total`, all reasons (0 when unreadable).

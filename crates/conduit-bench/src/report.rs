@@ -59,7 +59,9 @@ pub struct SubmitRow {
 pub struct Delivery {
     pub messages: usize,
     pub sender_rate: f64,
+    /// The mean of the bare drains right before and right after the sender's.
     pub bare_consumer_rate: Option<f64>,
+    pub bare_consumer_runs: Vec<f64>,
     pub wrk_rate: Option<f64>,
     pub ratio_bare: Option<f64>,
     pub ratio_wrk: Option<f64>,
@@ -274,10 +276,15 @@ pub fn render_markdown(r: &Report) -> String {
             "\n### 2. Delivery (one sender, {} queued webhooks to a local receiver)\n\n\
              | measure | per second | sender / this |\n|---|---|---|\n\
              | webhook sender deliveries | {} | |\n\
-             | bare consumer drain (quorum queue, same prefetch, ack only) | {} | {} |\n\
+             | bare consumer drain (quorum queue, same prefetch, ack only; mean of {}) | {} | {} |\n\
              | wrk POSTs of the same body to the same receiver | {} | {} |",
             d.messages,
             f0(d.sender_rate),
+            d.bare_consumer_runs
+                .iter()
+                .map(|r| f0(*r))
+                .collect::<Vec<_>>()
+                .join(" before and "),
             d.bare_consumer_rate.map_or("n/a".into(), f0),
             ratio_cell(d.ratio_bare),
             d.wrk_rate.map_or("n/a".into(), f0),
