@@ -28,7 +28,7 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PgbenchResult {
     pub clients: usize,
     pub tps: f64,
@@ -203,7 +203,7 @@ pub async fn bare_drain(
     Ok(per_second(seen.saturating_sub(1), elapsed))
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct FfmpegResult {
     pub frames: u32,
     pub seconds: f64,

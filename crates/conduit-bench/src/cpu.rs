@@ -8,7 +8,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 /// CPU time spent by one process during a measurement.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CpuUse {
     pub process: String,
     /// CPU seconds (user + system) over the measurement.

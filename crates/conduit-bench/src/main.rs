@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use conduit_bench::{Mode, Options, Phase};
 
@@ -29,6 +30,12 @@ enum Cmd {
     Full,
     /// Tiny counts, seconds; for CI.
     Smoke,
+    /// Rewrites the docs' generated part from the JSON result of an earlier run.
+    Docs {
+        /// The JSON result (default: target/conduit-bench/result.json).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Some phases at full size; writes no docs (JSON only where --json says).
     Only {
         #[arg(required = true, value_enum)]
@@ -50,6 +57,18 @@ async fn main() -> anyhow::Result<()> {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target"));
     let options = match cli.mode {
+        Cmd::Docs { from } => {
+            let from = from.unwrap_or_else(|| target.join("conduit-bench/result.json"));
+            let report: conduit_bench::Report = serde_json::from_slice(
+                &std::fs::read(&from).with_context(|| format!("reading {}", from.display()))?,
+            )
+            .with_context(|| format!("parsing {}", from.display()))?;
+            let docs = cli
+                .docs
+                .unwrap_or_else(|| workspace().join("docs/benchmarks.md"));
+            conduit_bench::report::write_docs(&report, &docs)?;
+            return Ok(());
+        }
         Cmd::Only { mut phases, pace } => {
             phases.sort_unstable();
             phases.dedup();

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 /// p50/p99/max of a set of latencies, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, serde::Deserialize, PartialEq)]
 pub struct Latency {
     pub samples: usize,
     pub p50_ms: f64,
