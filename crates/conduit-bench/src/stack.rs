@@ -242,6 +242,15 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// The variables the images set for `bin` (`deploy/Dockerfile`), so the benchmark
+/// measures the services as they are deployed.
+fn deployed_env(bin: &str) -> &'static [(&'static str, &'static str)] {
+    match bin {
+        "conduit-generator" => &[("MALLOC_MMAP_THRESHOLD_", "131072")],
+        _ => &[],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,11 +263,3 @@ mod tests {
     }
 }
 
-/// The variables the images set for `bin` (`deploy/Dockerfile`), so the benchmark
-/// measures the services as they are deployed.
-fn deployed_env(bin: &str) -> &'static [(&'static str, &'static str)] {
-    match bin {
-        "conduit-generator" => &[("MALLOC_MMAP_THRESHOLD_", "131072")],
-        _ => &[],
-    }
-}
