@@ -262,4 +262,3 @@ mod tests {
         assert_eq!(parse_vm_hwm("Name: x\n"), None);
     }
 }
-
