@@ -303,6 +303,25 @@ impl Broker {
         F: Fn(Incoming, CancellationToken) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Disposition> + Send + 'static,
     {
+        self.consume_signalling(source, limits, shutdown, None, handler)
+            .await
+    }
+
+    /// As [`Broker::consume`], and `on_open` is notified each time the consumer is in
+    /// place (its queue declared and bound), so a caller can hold other work until then:
+    /// a generator takes no job before its control queue can hear that job's cancel.
+    pub async fn consume_signalling<F, Fut>(
+        &self,
+        source: Source,
+        limits: ConsumeLimits,
+        shutdown: CancellationToken,
+        on_open: Option<Arc<tokio::sync::Notify>>,
+        handler: F,
+    ) -> anyhow::Result<()>
+    where
+        F: Fn(Incoming, CancellationToken) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Disposition> + Send + 'static,
+    {
         let handler = Arc::new(handler);
         let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
         let mut in_flight = JoinSet::new();
@@ -336,6 +355,9 @@ impl Broker {
                 }
             };
             debug!(queue = %label, "consuming");
+            if let Some(on_open) = &on_open {
+                on_open.notify_one();
+            }
             // Delivery tags restart on a recovered channel, so each recovery gets a
             // settler of its own; the old one settles (or finds poisoned) what is left.
             let mut settler =

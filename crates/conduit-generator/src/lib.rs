@@ -106,15 +106,21 @@ impl App {
         };
 
         let broker = worker.broker.clone();
+        let control_open = Arc::new(tokio::sync::Notify::new());
         let control = {
             let worker = worker.clone();
-            broker.consume(
+            let control_open = control_open.clone();
+            // One at a time, in arrival order: handling a cancel is a quick, synchronous
+            // registry update, and order matters. A cancel of a queued task must be
+            // remembered before a later cancel frees the slot its job would take.
+            broker.consume_signalling(
                 Source::Control,
                 ConsumeLimits {
                     prefetch: 256,
-                    concurrency: 64,
+                    concurrency: 1,
                 },
                 shutdown.clone(),
+                Some(control_open),
                 move |incoming, _| {
                     worker.handle_control(&incoming);
                     async { Disposition::Ack }
@@ -125,6 +131,11 @@ impl App {
             let worker = worker.clone();
             let handler_worker = worker.clone();
             async move {
+                // A job taken before the control queue is bound could miss its cancel.
+                tokio::select! {
+                    () = control_open.notified() => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
                 worker
                     .broker
                     .consume(
