@@ -378,6 +378,26 @@ impl Poller {
     }
 }
 
+/// Progress of a provider that reports no percentage: it creeps from 20 towards 90 while
+/// the provider says it is generating.
+#[derive(Default)]
+pub(crate) struct ProgressEstimate {
+    generating_since: Option<std::time::Instant>,
+}
+
+impl ProgressEstimate {
+    /// The percentage and message while `provider` is generating.
+    pub(crate) fn generating(&mut self, provider: &str) -> (u8, String) {
+        let since = *self
+            .generating_since
+            .get_or_insert_with(std::time::Instant::now);
+        (
+            creep(20, 90, since.elapsed(), Duration::from_secs(60)),
+            format!("Generating at {provider}"),
+        )
+    }
+}
+
 /// A progress estimate for a provider that reports none: from `from` towards `to`,
 /// half way after `half_life` of `elapsed`.
 pub(crate) fn creep(from: u8, to: u8, elapsed: Duration, half_life: Duration) -> u8 {

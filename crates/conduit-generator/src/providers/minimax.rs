@@ -11,7 +11,7 @@
 //! back-off; the others become the task's error. MiniMax has no cancel endpoint: a
 //! cancelled or timed-out task just stops being polled.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use conduit_core::{
@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tracing::info;
 
 use super::{
-    http::{creep, Poller, Reply, Step, Upstream},
+    http::{Poller, ProgressEstimate, Reply, Step, Upstream},
     GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate, Provider,
 };
 
@@ -248,7 +248,7 @@ impl Provider for MiniMaxProvider {
         // Poll until Success or Fail. MiniMax reports no numeric progress, so while it
         // is processing the percentage is an estimate that creeps towards 90.
         let mut poller = Poller::new(up);
-        let mut processing_since = None;
+        let mut estimate = ProgressEstimate::default();
         let file_id = loop {
             poller.wait(cancel).await?;
             let query: Query = up
@@ -299,13 +299,7 @@ impl Provider for MiniMaxProvider {
                 }
                 "Preparing" => (5, "Preparing at MiniMax".to_owned()),
                 "Queueing" => (10, "Queued at MiniMax".to_owned()),
-                "Processing" => {
-                    let since = *processing_since.get_or_insert_with(std::time::Instant::now);
-                    (
-                        creep(20, 90, since.elapsed(), Duration::from_secs(60)),
-                        "Generating at MiniMax".to_owned(),
-                    )
-                }
+                "Processing" => estimate.generating(up.name),
                 other => (5, format!("Waiting for MiniMax (status {other:?})")),
             };
             ctx.progress.report(ProgressUpdate {

@@ -11,7 +11,7 @@
 //! A task that is cancelled, times out or is handed back at shutdown sends
 //! `POST /v1/predictions/{id}/cancel`, so Replicate stops (and stops billing) the run.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use conduit_core::{
@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use tracing::info;
 
 use super::{
-    http::{creep, Poller, Reply, Step, Upstream},
+    http::{Poller, ProgressEstimate, Reply, Step, Upstream},
     GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate, Provider,
 };
 
@@ -218,7 +218,7 @@ impl Provider for ReplicateProvider {
         let path = format!("/v1/predictions/{id}");
         let mut prediction = created;
         let mut poller = Poller::new(up);
-        let mut processing_since = None;
+        let mut estimate = ProgressEstimate::default();
         let url = loop {
             match prediction.status.as_str() {
                 "succeeded" => {
@@ -248,13 +248,7 @@ impl Provider for ReplicateProvider {
             }
             let (percent, message) = match prediction.status.as_str() {
                 "starting" => (5, "Starting at Replicate".to_owned()),
-                "processing" => {
-                    let since = *processing_since.get_or_insert_with(std::time::Instant::now);
-                    (
-                        creep(20, 90, since.elapsed(), Duration::from_secs(60)),
-                        "Generating at Replicate".to_owned(),
-                    )
-                }
+                "processing" => estimate.generating(up.name),
                 other => (5, format!("Waiting for Replicate (status {other:?})")),
             };
             ctx.progress.report(ProgressUpdate {
