@@ -14,9 +14,9 @@ use rand::Rng;
 use reqwest::{header::RETRY_AFTER, Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
-use super::GenerationError;
+use super::{GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate};
 
 /// Attempts of one request while it keeps being rate limited or failing transiently.
 const MAX_ATTEMPTS: u32 = 8;
@@ -235,10 +235,37 @@ impl Upstream {
         }
     }
 
+    /// The last step of every remote generation: reports the download (95 %, "Downloading
+    /// the video from `from`"), fetches the finished file from `url` and hands it over.
+    pub async fn fetch_video(
+        &self,
+        ctx: &GenerationContext,
+        url: &str,
+        from: &str,
+        upstream_id: &str,
+    ) -> Result<GeneratedVideo, GenerationError> {
+        ctx.progress.report(ProgressUpdate {
+            percent: 95,
+            message: format!("Downloading the video from {from}"),
+            eta_seconds: None,
+        });
+        let bytes = self.download(&ctx.cancel, url).await?;
+        info!(
+            provider = self.name,
+            upstream_id,
+            bytes = bytes.len(),
+            "video downloaded"
+        );
+        Ok(GeneratedVideo {
+            bytes,
+            frames_rendered: None,
+        })
+    }
+
     /// Downloads the finished video from `url`, trying once more if the first attempt
     /// fails. The credential goes along only when `url` is on the provider's own API
     /// host; a CDN link gets none.
-    pub async fn download(
+    async fn download(
         &self,
         cancel: &CancellationToken,
         url: &str,

@@ -334,16 +334,7 @@ impl Provider for MiniMaxProvider {
                 },
             )
             .await?;
-        ctx.progress.report(ProgressUpdate {
-            percent: 95,
-            message: "Downloading the video from MiniMax".into(),
-            eta_seconds: None,
-        });
-        let bytes = up.download(cancel, &download_url).await?;
-        info!(provider = "minimax", upstream_task_id = %task_id, bytes = bytes.len(), "video downloaded");
-        Ok(GeneratedVideo {
-            bytes,
-            frames_rendered: None,
-        })
+        up.fetch_video(&ctx, &download_url, "MiniMax", &task_id)
+            .await
     }
 }

@@ -226,18 +226,8 @@ impl Provider for OpenAiProvider {
         }
         stop.disarm();
 
-        ctx.progress.report(ProgressUpdate {
-            percent: 95,
-            message: "Downloading the video from the video server".into(),
-            eta_seconds: None,
-        });
-        let bytes = up
-            .download(cancel, &up.url(&format!("/v1/videos/{id}/content")))
-            .await?;
-        info!(provider = "openai", upstream_video_id = %id, bytes = bytes.len(), "video downloaded");
-        Ok(GeneratedVideo {
-            bytes,
-            frames_rendered: None,
-        })
+        let content = up.url(&format!("/v1/videos/{id}/content"));
+        up.fetch_video(&ctx, &content, "the video server", &id)
+            .await
     }
 }

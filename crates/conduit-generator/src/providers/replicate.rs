@@ -267,17 +267,7 @@ impl Provider for ReplicateProvider {
                 .await?;
         };
 
-        ctx.progress.report(ProgressUpdate {
-            percent: 95,
-            message: "Downloading the video from Replicate".into(),
-            eta_seconds: None,
-        });
-        let bytes = up.download(cancel, &url).await?;
-        info!(provider = "replicate", prediction_id = %id, bytes = bytes.len(), "video downloaded");
-        Ok(GeneratedVideo {
-            bytes,
-            frames_rendered: None,
-        })
+        up.fetch_video(&ctx, &url, "Replicate", &id).await
     }
 }
 
