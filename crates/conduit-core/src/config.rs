@@ -2,7 +2,12 @@
 //! optional file (`--config PATH` or `CONDUIT_CONFIG`), then `CONDUIT__SECTION__KEY`
 //! environment variables. Secrets are wrapped in [`Secret`] so they never reach a log.
 
-use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
 use serde::{Deserialize, Deserializer};
@@ -77,6 +82,19 @@ pub struct AmqpSettings {
     pub namespace: String,
     /// Unacknowledged deliveries a consumer holds at once.
     pub prefetch: u16,
+    /// PEM file of CA certificates trusted for an `amqps://` broker, besides the system
+    /// roots. Read at every connection attempt, so a rotated file needs no restart.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AmqpSettings {
+    /// The CA file for `amqps://`, when one is set (an empty value counts as unset).
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file
+            .as_deref()
+            .filter(|path| !path.as_os_str().is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -377,6 +395,13 @@ impl Settings {
             "amqp.namespace must be non-empty and use only letters, digits, '-', '_' and '.'"
         );
         anyhow::ensure!(self.amqp.prefetch > 0, "amqp.prefetch must be at least 1");
+        if let Some(ca) = self.amqp.ca_file() {
+            anyhow::ensure!(
+                self.amqp.url.expose().starts_with("amqps://"),
+                "amqp.ca_file is set but amqp.url is not an amqps:// URL: the CA would never be used"
+            );
+            crate::tls::read_pem_certificates(ca, "amqp.ca_file")?;
+        }
         anyhow::ensure!(
             self.webhooks.concurrency > 0,
             "webhooks.concurrency must be at least 1"
