@@ -33,8 +33,7 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(what: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("conduit-tls-{what}-{}", uuid::Uuid::new_v4()));
+        let dir = std::env::temp_dir().join(format!("conduit-tls-{what}-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         Self(dir)
     }
@@ -459,8 +458,8 @@ fn stunnel_program() -> Option<PathBuf> {
 }
 
 async fn start_stunnel(dir: &TempDir, cert: &Path, key: &Path) -> Stunnel {
-    let program = stunnel_program()
-        .expect("stunnel is installed (scripts/test installs Debian's stunnel4)");
+    let program =
+        stunnel_program().expect("stunnel is installed (scripts/test installs Debian's stunnel4)");
     let port = free_port();
     let conf = dir.path("stunnel.conf");
     std::fs::write(
@@ -556,7 +555,9 @@ async fn amqps_through_a_tls_terminator_with_a_ca_file() {
     )
     .await;
     assert!(
-        line.contains("\"ERROR\"") && line.contains("amqp.ca_file") && line.contains("UnknownIssuer"),
+        line.contains("\"ERROR\"")
+            && line.contains("amqp.ca_file")
+            && line.contains("UnknownIssuer"),
         "{line}"
     );
     let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
@@ -565,6 +566,9 @@ async fn amqps_through_a_tls_terminator_with_a_ca_file() {
     assert_eq!(ready.status().as_u16(), 503, "not ready without the broker");
     // Still retrying, like any broker outage.
     let mut generator = generator;
-    assert!(generator.exit_within(Duration::from_millis(500)).await.is_none());
+    assert!(generator
+        .exit_within(Duration::from_millis(500))
+        .await
+        .is_none());
     assert!(!generator.logs().contains("connected to RabbitMQ"));
 }

@@ -22,8 +22,8 @@ use lapin::{
         BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
         QueueBindOptions, QueueDeclareOptions,
     },
-    types::{AMQPValue, FieldTable, ShortString},
     tcp::OwnedTLSConfig,
+    types::{AMQPValue, FieldTable, ShortString},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
 };
 use serde::Serialize;

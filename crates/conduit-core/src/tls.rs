@@ -42,7 +42,12 @@ pub fn read_pem_certificates(
         .map_err(|e| anyhow!("{setting}: cannot read CA file {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| anyhow!("{setting}: CA file {} is not valid PEM: {e}", path.display()))?;
+        .map_err(|e| {
+            anyhow!(
+                "{setting}: CA file {} is not valid PEM: {e}",
+                path.display()
+            )
+        })?;
     if certs.is_empty() {
         bail!(
             "{setting}: CA file {} holds no PEM certificate",
@@ -107,8 +112,13 @@ mod tests {
         );
         let missing = dir.join("missing.pem");
         let err = read_pem_certificates(&missing, "sslrootcert").unwrap_err();
-        assert!(err.to_string().starts_with("sslrootcert: cannot read"), "{err:#}");
-        assert!(err.chain().all(|c| c.downcast_ref::<std::io::Error>().is_none()));
+        assert!(
+            err.to_string().starts_with("sslrootcert: cannot read"),
+            "{err:#}"
+        );
+        assert!(err
+            .chain()
+            .all(|c| c.downcast_ref::<std::io::Error>().is_none()));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -301,7 +301,8 @@ fn roots(params: &TlsParams) -> anyhow::Result<RootCertStore> {
     let mut store = RootCertStore::empty();
     match params.ca_file() {
         Some(path) => {
-            let certs = conduit_core::tls::read_pem_certificates(&path, "database.url sslrootcert")?;
+            let certs =
+                conduit_core::tls::read_pem_certificates(&path, "database.url sslrootcert")?;
             let (added, _ignored) = store.add_parsable_certificates(certs);
             if added == 0 {
                 bail!(
@@ -347,7 +348,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -356,7 +362,12 @@ impl ServerCertVerifier for AnyCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -567,7 +578,10 @@ mod tests {
             "postgres://u:p@db.example:5432/conduit?sslmode=verify-full&application_name=x&sslrootcert=%2Fetc%2Fca.pem",
         )
         .unwrap();
-        assert_eq!(rest, "postgres://u:p@db.example:5432/conduit?application_name=x");
+        assert_eq!(
+            rest,
+            "postgres://u:p@db.example:5432/conduit?application_name=x"
+        );
         assert_eq!(p.mode, SslMode::VerifyFull);
         assert_eq!(p.root_cert.as_deref(), Some("/etc/ca.pem"));
         assert_eq!(p.check(), Check::Full);
@@ -575,7 +589,10 @@ mod tests {
         let (rest, p) = split_tls_params("postgresql://h/db?sslmode=require").unwrap();
         assert_eq!(rest, "postgresql://h/db");
         assert_eq!(p.check(), Check::None);
-        assert_eq!(p.mode.for_driver(), tokio_postgres::config::SslMode::Require);
+        assert_eq!(
+            p.mode.for_driver(),
+            tokio_postgres::config::SslMode::Require
+        );
 
         let (rest, p) = split_tls_params("postgres://h/db").unwrap();
         assert_eq!(rest, "postgres://h/db");
