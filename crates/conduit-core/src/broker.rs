@@ -939,7 +939,9 @@ async fn supervise(
             Err(err) => {
                 // A refused certificate is retried like an outage (the broker's
                 // certificate or the CA file may be fixed without restarting the
-                // service; /readyz says 503 meanwhile), but logged as the error it is.
+                // service; /readyz says 503 meanwhile), but logged as the error it is
+                // when lapin hands it back. (While lapin retries the handshake itself,
+                // rustls' verifier logs each refusal at ERROR.)
                 if let Some(refusal) = target.refusal(&err) {
                     error!(connection = %name, error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ refused: {refusal}");
                 } else {
