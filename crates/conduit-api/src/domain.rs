@@ -18,16 +18,19 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use url::{Host, Url};
 
-use crate::error::FieldError;
+use crate::{
+    error::FieldError,
+    ledger::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents},
+};
 
-pub const MAX_PROMPT_CHARS: usize = 4000;
-pub const MAX_DURATION: u32 = 60;
-pub const DEFAULT_DURATION: u32 = 6;
-pub const DEFAULT_SIZE: (u32, u32) = (1280, 720);
-pub const DEFAULT_FPS: u32 = 24;
-pub const MAX_URL_CHARS: usize = 2048;
-pub const MAX_HEADERS: usize = 20;
-pub const MAX_HEADERS_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_PROMPT_CHARS: usize = 4000;
+pub(crate) const MAX_DURATION: u32 = 60;
+pub(crate) const DEFAULT_DURATION: u32 = 6;
+pub(crate) const DEFAULT_SIZE: (u32, u32) = (1280, 720);
+pub(crate) const DEFAULT_FPS: u32 = 24;
+pub(crate) const MAX_URL_CHARS: usize = 2048;
+pub(crate) const MAX_HEADERS: usize = 20;
+pub(crate) const MAX_HEADERS_BYTES: usize = 8 * 1024;
 const FORBIDDEN_HEADERS: [&str; 6] = [
     "host",
     "content-length",
@@ -50,30 +53,30 @@ const FIELDS: [&str; 9] = [
 
 /// One configured model and whether its provider can be used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ModelEntry {
-    pub id: String,
-    pub provider: String,
-    pub upstream_model: Option<String>,
-    pub max_duration: Option<u32>,
+pub(crate) struct ModelEntry {
+    pub(crate) id: String,
+    pub(crate) provider: String,
+    pub(crate) upstream_model: Option<String>,
+    pub(crate) max_duration: Option<u32>,
     /// The setting that must be set before the model can be used, when it is not.
-    pub missing_setting: Option<String>,
+    pub(crate) missing_setting: Option<String>,
     /// The model's configured limits (durations, sizes, resolutions), checked at submit.
     #[serde(skip)]
-    pub settings: ModelSettings,
+    pub(crate) settings: ModelSettings,
 }
 
 impl ModelEntry {
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         self.missing_setting.is_none()
     }
 }
 
 /// The configured models, by id.
 #[derive(Debug, Clone, Default)]
-pub struct ModelCatalog(BTreeMap<String, ModelEntry>);
+pub(crate) struct ModelCatalog(BTreeMap<String, ModelEntry>);
 
 impl ModelCatalog {
-    pub fn from_settings(settings: &Settings) -> Self {
+    pub(crate) fn from_settings(settings: &Settings) -> Self {
         let p = &settings.providers;
         let entries = settings
             .models
@@ -110,20 +113,20 @@ impl ModelCatalog {
         Self(entries)
     }
 
-    pub fn get(&self, id: &str) -> Option<&ModelEntry> {
+    pub(crate) fn get(&self, id: &str) -> Option<&ModelEntry> {
         self.0.get(id)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &ModelEntry> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &ModelEntry> {
         self.0.values()
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prompt(String);
+pub(crate) struct Prompt(String);
 
 impl Prompt {
-    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, FieldError> {
         let chars = raw.chars().count();
         if raw.trim().is_empty() {
             return Err(FieldError::invalid("prompt", "prompt must not be empty"));
@@ -144,19 +147,19 @@ impl Prompt {
         Ok(Self(raw.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameSize {
-    pub width: u32,
-    pub height: u32,
+pub(crate) struct FrameSize {
+    pub(crate) width: u32,
+    pub(crate) height: u32,
 }
 
 impl FrameSize {
-    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, FieldError> {
         let bad = || {
             FieldError::invalid(
                 "size",
@@ -190,10 +193,10 @@ impl std::fmt::Display for FrameSize {
 /// An absolute http(s) URL without user-info; its host is checked separately
 /// ([`guard_webhook_target`]) because that may need DNS.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookUrl(Url);
+pub(crate) struct WebhookUrl(Url);
 
 impl WebhookUrl {
-    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, FieldError> {
         let invalid = |why: &str| FieldError::invalid("webhook_url", format!("webhook_url {why}"));
         if raw.chars().count() > MAX_URL_CHARS {
             return Err(invalid(&format!(
@@ -213,17 +216,17 @@ impl WebhookUrl {
         Ok(Self(url))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         self.0.as_str()
     }
 
-    pub fn url(&self) -> &Url {
+    pub(crate) fn url(&self) -> &Url {
         &self.0
     }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WebhookHeaders(BTreeMap<String, String>);
+pub(crate) struct WebhookHeaders(BTreeMap<String, String>);
 
 fn is_token(name: &str) -> bool {
     !name.is_empty()
@@ -233,7 +236,7 @@ fn is_token(name: &str) -> bool {
 }
 
 impl WebhookHeaders {
-    pub fn parse(value: &Value) -> Result<Self, FieldError> {
+    pub(crate) fn parse(value: &Value) -> Result<Self, FieldError> {
         let invalid = |why: String| FieldError::invalid("webhook_headers", why);
         let obj = value.as_object().ok_or_else(|| {
             invalid("webhook_headers must be an object of string to string".into())
@@ -280,72 +283,41 @@ impl WebhookHeaders {
         Ok(Self(headers))
     }
 
-    pub fn as_map(&self) -> &BTreeMap<String, String> {
+    pub(crate) fn as_map(&self) -> &BTreeMap<String, String> {
         &self.0
     }
-
-    pub fn from_map(map: BTreeMap<String, String>) -> Self {
-        Self(map)
-    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookEvents(BTreeSet<WebhookEvent>);
-
-impl Default for WebhookEvents {
-    fn default() -> Self {
-        Self(WebhookEvent::ALL.into_iter().collect())
-    }
-}
-
-impl WebhookEvents {
-    pub fn parse(value: &Value) -> Result<Self, FieldError> {
-        let invalid = |why: String| FieldError::invalid("webhook_events", why);
-        let items = value.as_array().ok_or_else(|| {
-            invalid("webhook_events must be an array of \"progress\", \"completed\", \"failed\", \"cancelled\"".into())
-        })?;
-        let mut set = BTreeSet::new();
-        for item in items {
-            let event = item.as_str().and_then(WebhookEvent::parse).ok_or_else(|| {
+/// Parses `webhook_events`: an array of event names.
+fn parse_webhook_events(value: &Value) -> Result<WebhookEvents, FieldError> {
+    let invalid = |why: String| FieldError::invalid("webhook_events", why);
+    let items = value.as_array().ok_or_else(|| {
+        invalid("webhook_events must be an array of \"progress\", \"completed\", \"failed\", \"cancelled\"".into())
+    })?;
+    items
+        .iter()
+        .map(|item| {
+            item.as_str().and_then(WebhookEvent::parse).ok_or_else(|| {
                 invalid(format!(
                     "webhook_events holds {item}; allowed are \"progress\", \"completed\", \"failed\", \"cancelled\""
                 ))
-            })?;
-            set.insert(event);
-        }
-        Ok(Self(set))
-    }
-
-    pub fn contains(&self, event: WebhookEvent) -> bool {
-        self.0.contains(&event)
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.0.iter().map(|e| e.as_str().to_owned()).collect()
-    }
-
-    pub fn from_names(names: &[String]) -> Self {
-        Self(
-            names
-                .iter()
-                .filter_map(|n| WebhookEvent::parse(n))
-                .collect(),
-        )
-    }
+            })
+        })
+        .collect()
 }
 
 /// A submit request that passed every rule.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    pub model: ModelEntry,
-    pub prompt: Prompt,
-    pub duration: u32,
-    pub size: FrameSize,
-    pub fps: u32,
-    pub seed: Option<i64>,
-    pub webhook_url: Option<WebhookUrl>,
-    pub webhook_headers: WebhookHeaders,
-    pub webhook_events: WebhookEvents,
+pub(crate) struct GenerationRequest {
+    pub(crate) model: ModelEntry,
+    pub(crate) prompt: Prompt,
+    pub(crate) duration: u32,
+    pub(crate) size: FrameSize,
+    pub(crate) fps: u32,
+    pub(crate) seed: Option<i64>,
+    pub(crate) webhook_url: Option<WebhookUrl>,
+    pub(crate) webhook_headers: WebhookHeaders,
+    pub(crate) webhook_events: WebhookEvents,
 }
 
 fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -376,7 +348,7 @@ fn int_in(
 }
 
 impl GenerationRequest {
-    pub fn parse(body: &Value, models: &ModelCatalog) -> Result<Self, FieldError> {
+    pub(crate) fn parse(body: &Value, models: &ModelCatalog) -> Result<Self, FieldError> {
         let obj = body
             .as_object()
             .ok_or_else(|| FieldError::invalid("body", "The request body must be a JSON object"))?;
@@ -440,7 +412,7 @@ impl GenerationRequest {
             .transpose()?
             .unwrap_or_default();
         let webhook_events = present(obj, "webhook_events")
-            .map(WebhookEvents::parse)
+            .map(parse_webhook_events)
             .transpose()?
             .unwrap_or_default();
         Ok(Self {
@@ -457,7 +429,7 @@ impl GenerationRequest {
     }
 
     /// A stable digest of what was asked for (defaults filled in), for Idempotency-Key.
-    pub fn fingerprint(&self) -> [u8; 32] {
+    pub(crate) fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let canonical = serde_json::json!({
             "model": self.model.id,
@@ -474,10 +446,58 @@ impl GenerationRequest {
     }
 }
 
+impl GenerationRequest {
+    /// The new task this request asks for, owned by `key_id`: a fresh id, attempt 1,
+    /// pending, with its job.
+    pub(crate) fn to_new_task(
+        &self,
+        key_id: uuid::Uuid,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<NewTask> {
+        let now = conduit_core::time::now_millis();
+        let task = TaskRow {
+            id: uuid::Uuid::now_v7(),
+            api_key_id: key_id,
+            attempt: 1,
+            status: TaskStatus::Pending,
+            progress: 0,
+            message: None,
+            eta_seconds: None,
+            model: self.model.id.clone(),
+            provider: self.model.provider.clone(),
+            upstream_model: self.model.upstream_model.clone(),
+            prompt: self.prompt.as_str().to_owned(),
+            duration: i32::try_from(self.duration).unwrap_or(i32::MAX),
+            width: i32::try_from(self.size.width).unwrap_or(i32::MAX),
+            height: i32::try_from(self.size.height).unwrap_or(i32::MAX),
+            fps: i32::try_from(self.fps).unwrap_or(i32::MAX),
+            seed: self.seed,
+            webhook_url: self.webhook_url.as_ref().map(|u| u.as_str().to_owned()),
+            webhook_headers: self.webhook_headers.as_map().clone(),
+            webhook_events: self.webhook_events.clone(),
+            video_key: None,
+            generation_duration_seconds: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_seq: -1,
+        };
+        let claim = idempotency_key.map(|key| IdempotencyClaim {
+            key: key.to_owned(),
+            fingerprint: self.fingerprint(),
+        });
+        NewTask::new(task, claim)
+    }
+}
+
 /// Refuses webhook targets on internal addresses: a literal address, or a name that
 /// resolves to one. A name that does not resolve (yet) is accepted; the sender checks
 /// the address it dials anyway.
-pub async fn guard_webhook_target(url: &WebhookUrl, allow_private: bool) -> Result<(), FieldError> {
+pub(crate) async fn guard_webhook_target(
+    url: &WebhookUrl,
+    allow_private: bool,
+) -> Result<(), FieldError> {
     if allow_private {
         return Ok(());
     }

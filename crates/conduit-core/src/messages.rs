@@ -43,6 +43,19 @@ pub struct JobMessage {
     pub submitted_at: DateTime<Utc>,
 }
 
+impl JobMessage {
+    /// The broker message id of this attempt's job: the same on every copy of it (the
+    /// outbox's first publish, a hand-back, a checkpoint), so duplicates are recognisable.
+    pub fn message_id(&self) -> String {
+        job_message_id(self.task_id, self.attempt)
+    }
+}
+
+/// The broker message id of the job of `task_id`'s attempt `attempt`.
+pub fn job_message_id(task_id: Uuid, attempt: i32) -> String {
+    format!("{task_id}:{attempt}")
+}
+
 /// What a status event says about a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
