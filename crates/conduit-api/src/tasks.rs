@@ -96,12 +96,14 @@ pub struct TaskRow {
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
     pub last_seq: i64,
+    /// The first frame of an image-to-video task (`image_url` as submitted).
+    pub image_url: Option<String>,
 }
 
 pub const TASK_COLUMNS: &str = "id, api_key_id, attempt, status, progress, message, eta_seconds, \
      model, provider, upstream_model, prompt, duration, width, height, fps, seed, webhook_url, \
      webhook_headers, webhook_events, video_key, generation_duration_seconds, error, created_at, \
-     updated_at, completed_at, last_seq";
+     updated_at, completed_at, last_seq, image_url";
 
 impl TaskRow {
     pub fn from_row(row: &Row) -> anyhow::Result<Self> {
@@ -136,6 +138,7 @@ impl TaskRow {
             updated_at: row.try_get("updated_at")?,
             completed_at: row.try_get("completed_at")?,
             last_seq: row.try_get("last_seq")?,
+            image_url: row.try_get("image_url")?,
         })
     }
 
@@ -157,6 +160,7 @@ impl TaskRow {
                 seed: self.seed,
             },
             submitted_at: self.updated_at,
+            image_url: self.image_url.clone(),
         }
     }
 
@@ -237,6 +241,7 @@ impl NewSubmit {
             updated_at: now,
             completed_at: None,
             last_seq: -1,
+            image_url: request.image_url.as_ref().map(|i| i.as_str().to_owned()),
         };
         let job = job_outgoing(&task.job())?;
         let claim = idempotency_key.map(|key| IdempotencyClaim {
@@ -321,8 +326,8 @@ async fn insert_task_with_job(
             "WITH task AS (
                  INSERT INTO tasks (id, api_key_id, attempt, status, model, provider, upstream_model,
                      prompt, duration, width, height, fps, seed, webhook_url, webhook_headers,
-                     webhook_events, created_at, updated_at)
-                 VALUES ($1, $2, 1, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15))
+                     webhook_events, created_at, updated_at, image_url)
+                 VALUES ($1, $2, 1, 'pending', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, $19))
              INSERT INTO outbox (target, route, body, task_id, message_id)
              VALUES ('queue', $16, $17, $1, $18)",
         )
@@ -353,6 +358,7 @@ async fn insert_task_with_job(
                 &route::JOBS,
                 &job.body,
                 &job.message_id,
+                &task.image_url,
             ],
         )
         .await

@@ -121,6 +121,7 @@ async fn a_task_stays_pending_without_a_generator_and_runs_once_one_starts() {
         StatusKind::Completed {
             video_key: conduit_core::storage::video_key(id, 1),
             generation_duration_seconds: 1.5,
+            model: None,
         },
     )
     .await;
