@@ -195,7 +195,10 @@ async fn handle(
     if presented != format!("Key {}", s.key) {
         return error(
             401,
-            json!(format!("Invalid API key: {}", presented.trim_start_matches("Key "))),
+            json!(format!(
+                "Invalid API key: {}",
+                presented.trim_start_matches("Key ")
+            )),
         );
     }
     // `{model_id}/requests/{id}[/status|/cancel]`, or a submit to `{model_id}`.

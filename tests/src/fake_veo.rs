@@ -164,7 +164,9 @@ fn check_body(body: &Value) -> Result<(), String> {
         .ok_or("instances must hold one instance")?;
     for key in instance.keys() {
         if !["prompt", "image", "lastFrame", "referenceImages"].contains(&key.as_str()) {
-            return Err(format!("Invalid JSON payload received. Unknown name \"{key}\" at 'instances[0]'"));
+            return Err(format!(
+                "Invalid JSON payload received. Unknown name \"{key}\" at 'instances[0]'"
+            ));
         }
     }
     if instance

@@ -609,7 +609,10 @@ fn openai(
         if let Some((mime, bytes)) = multipart_file(&content_type, body, "input_reference") {
             use base64::Engine;
             let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
-            fields.insert("input_reference".into(), format!("data:{mime};base64,{encoded}"));
+            fields.insert(
+                "input_reference".into(),
+                format!("data:{mime};base64,{encoded}"),
+            );
         }
         let params = json!(fields);
         let id = new_job(s, &prompt, params, scenario);
@@ -714,7 +717,10 @@ fn multipart_file(content_type: &str, body: &[u8], name: &str) -> Option<(String
     let headers = String::from_utf8_lossy(&body[at..headers_end]).to_string();
     let mime = headers
         .split("\r\n")
-        .find_map(|h| h.strip_prefix("Content-Type: ").or_else(|| h.strip_prefix("content-type: ")))
+        .find_map(|h| {
+            h.strip_prefix("Content-Type: ")
+                .or_else(|| h.strip_prefix("content-type: "))
+        })
         .unwrap_or("application/octet-stream")
         .to_owned();
     let start = headers_end + 4;

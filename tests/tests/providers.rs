@@ -30,7 +30,8 @@ sizes = ["1280x720", "720x1280"]
 
 /// A configuration file with `toml` in it, as the `CONDUIT_CONFIG` variable for a stack.
 fn config_file(toml: &str) -> (String, String) {
-    let path = std::env::temp_dir().join(format!("conduit-providers-{}.toml", uuid::Uuid::new_v4()));
+    let path =
+        std::env::temp_dir().join(format!("conduit-providers-{}.toml", uuid::Uuid::new_v4()));
     std::fs::write(&path, toml).expect("config file written");
     ("CONDUIT_CONFIG".to_owned(), path.display().to_string())
 }
@@ -479,7 +480,10 @@ fn provider_env(provider: &str, base_url: String) -> Vec<(String, String)> {
             format!("CONDUIT__PROVIDERS__{provider}__{key_name}"),
             KEY.to_owned(),
         ),
-        (format!("CONDUIT__PROVIDERS__{provider}__BASE_URL"), base_url),
+        (
+            format!("CONDUIT__PROVIDERS__{provider}__BASE_URL"),
+            base_url,
+        ),
         (
             format!("CONDUIT__PROVIDERS__{provider}__POLL_INTERVAL_SECONDS"),
             "0.05".to_owned(),
@@ -521,13 +525,19 @@ async fn fal_and_veo_end_to_end() {
     );
     fal.on_prompt("endless", Scenario::endless());
     let veo = FakeVeo::start(KEY);
-    veo.on_prompt("slow", Scenario {
-        running_polls: 4,
-        ..Scenario::default()
-    });
+    veo.on_prompt(
+        "slow",
+        Scenario {
+            running_polls: 4,
+            ..Scenario::default()
+        },
+    );
     veo.on_prompt(
         "unsafe",
-        Scenario::failing("RAI", "The video could not be generated: it may violate our policies."),
+        Scenario::failing(
+            "RAI",
+            "The video could not be generated: it may violate our policies.",
+        ),
     );
     let mut env = provider_env("FAL", fal.base_url());
     env.extend(provider_env("VEO", veo.base_url()));
@@ -546,7 +556,10 @@ async fn fal_and_veo_end_to_end() {
         json!({"model": "veo-video", "prompt": "p", "duration": 5}),
     )
     .await;
-    assert_eq!((status, code.as_str(), param.as_str()), (400, "invalid_value", "duration"));
+    assert_eq!(
+        (status, code.as_str(), param.as_str()),
+        (400, "invalid_value", "duration")
+    );
 
     // fal: queued, polled, result read, video downloaded into Conduit's storage.
     let prompt = "a slow kite over dunes";
@@ -624,7 +637,10 @@ async fn fal_and_veo_end_to_end() {
     );
     assert_eq!(op.downloads, 1);
     assert_eq!(served_video(&hook).await, fake_video(&op.id));
-    assert!(veo.requests().iter().all(|r| r.authorization.as_deref() == Some(KEY)));
+    assert!(veo
+        .requests()
+        .iter()
+        .all(|r| r.authorization.as_deref() == Some(KEY)));
 
     let unsafe_task = submit(
         &stack,
@@ -657,7 +673,10 @@ fn test_picture() -> (Vec<u8>, String) {
     });
     let mut file = Vec::new();
     picture
-        .write_to(&mut std::io::Cursor::new(&mut file), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut file),
+            image::ImageFormat::Png,
+        )
         .expect("PNG encodes");
     let uri = format!(
         "data:image/png;base64,{}",
@@ -669,8 +688,8 @@ fn test_picture() -> (Vec<u8>, String) {
 /// The first picture of an H.264 MP4, as RGB, with its size.
 fn first_frame_rgb(file: &[u8]) -> (usize, usize, Vec<u8>) {
     use openh264::formats::YUVSource;
-    let mut reader = mp4::Mp4Reader::read_header(std::io::Cursor::new(file), file.len() as u64)
-        .expect("an MP4");
+    let mut reader =
+        mp4::Mp4Reader::read_header(std::io::Cursor::new(file), file.len() as u64).expect("an MP4");
     let track = reader.tracks().values().next().expect("a track");
     let track_id = track.track_id();
     let mut annex_b = Vec::new();
@@ -737,23 +756,38 @@ async fn image_url_reaches_every_provider_that_takes_one() {
         json!({"model": "text-only", "prompt": "p", "image_url": image}),
     )
     .await;
-    assert_eq!((status, code.as_str(), param.as_str()), (400, "invalid_value", "image_url"));
+    assert_eq!(
+        (status, code.as_str(), param.as_str()),
+        (400, "invalid_value", "image_url")
+    );
     assert!(message.contains("text-only"), "{message}");
     let (status, code, param, _) = refused(
         &stack,
         json!({"model": "local-video", "prompt": "p", "image_url": "data:image/gif;base64,R0lGOD=="}),
     )
     .await;
-    assert_eq!((status, code.as_str(), param.as_str()), (400, "invalid_value", "image_url"));
+    assert_eq!(
+        (status, code.as_str(), param.as_str()),
+        (400, "invalid_value", "image_url")
+    );
     // More than 64 KiB besides the image is still too large.
     let (status, json) = stack
-        .submit(&json!({"model": "local-video", "prompt": "p", "image_url": image,
-            "webhook_headers": {"X-Pad": "x".repeat(70 * 1024)}}))
+        .submit(
+            &json!({"model": "local-video", "prompt": "p", "image_url": image,
+            "webhook_headers": {"X-Pad": "x".repeat(70 * 1024)}}),
+        )
         .await;
-    assert_eq!((status, json["error"]["code"].as_str()), (413, Some("payload_too_large")));
+    assert_eq!(
+        (status, json["error"]["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
 
     let submits = [
-        ("minimax-video", "minimax first frame", json!({"duration": 6})),
+        (
+            "minimax-video",
+            "minimax first frame",
+            json!({"duration": 6}),
+        ),
         ("openai-video", "videos first frame", json!({"duration": 8})),
         ("replicate-video", "replicate first frame", json!({})),
         ("fal-video", "fal first frame", json!({"duration": 5})),
@@ -774,9 +808,13 @@ async fn image_url_reaches_every_provider_that_takes_one() {
     // Each provider received the image in its own documented field.
     let got = minimax.job_for("minimax first frame").expect("MiniMax job");
     assert_eq!(got.params["first_frame_image"], image.as_str());
-    let got = videos.job_for("videos first frame").expect("/v1/videos job");
+    let got = videos
+        .job_for("videos first frame")
+        .expect("/v1/videos job");
     assert_eq!(got.params["input_reference"], image.as_str());
-    let got = replicate.job_for("replicate first frame").expect("Replicate job");
+    let got = replicate
+        .job_for("replicate first frame")
+        .expect("Replicate job");
     assert_eq!(got.params["input"]["first_frame_image"], image.as_str());
     let got = fal.job_for("fal first frame").expect("fal job");
     assert_eq!(got.model, "fal-ai/kling-video/v2.1/standard/image-to-video");
@@ -785,7 +823,11 @@ async fn image_url_reaches_every_provider_that_takes_one() {
     assert_eq!(got.body["instances"][0]["image"]["mimeType"], "image/png");
     assert_eq!(
         base64::engine::general_purpose::STANDARD
-            .decode(got.body["instances"][0]["image"]["bytesBase64Encoded"].as_str().unwrap_or_default())
+            .decode(
+                got.body["instances"][0]["image"]["bytesBase64Encoded"]
+                    .as_str()
+                    .unwrap_or_default()
+            )
             .expect("base64"),
         image_bytes
     );
@@ -815,7 +857,10 @@ async fn local_video_starts_with_the_image() {
         .map(|(a, b)| f64::from(a.abs_diff(*b)))
         .sum::<f64>()
         / rgb.len() as f64;
-    assert!(difference < 8.0, "the first frame differs from the image by {difference} per channel");
+    assert!(
+        difference < 8.0,
+        "the first frame differs from the image by {difference} per channel"
+    );
     stack.stop().await;
 }
 
@@ -833,15 +878,17 @@ async fn a_rate_limited_model_falls_back_to_the_next_one() {
     let veo = FakeVeo::start(KEY);
     let mut env = provider_env("OPENAI", videos.base_url());
     env.extend(provider_env("VEO", veo.base_url()));
-    let (config_key, config_path) = config_file(&format!(
-        "{VIDEOS_CONFIG}fallback = [\"veo-video\"]\n"
-    ));
+    let (config_key, config_path) =
+        config_file(&format!("{VIDEOS_CONFIG}fallback = [\"veo-video\"]\n"));
     env.push((config_key, config_path));
     let stack = stack_with(env).await;
     let receiver = Receiver::start().await;
 
     let (_, models) = stack.get("/v1/models").await;
-    assert_eq!(listed(&models, "openai-video")["fallback"], json!(["veo-video"]));
+    assert_eq!(
+        listed(&models, "openai-video")["fallback"],
+        json!(["veo-video"])
+    );
 
     let prompt = "a harbour at night";
     let task_id = submit(

@@ -229,7 +229,10 @@ pub enum ImageUrl {
 impl ImageUrl {
     pub fn parse(raw: &str) -> Result<Self, FieldError> {
         let invalid = |why: String| FieldError::invalid("image_url", format!("image_url {why}"));
-        if raw.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")) {
+        if raw
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
+        {
             let (meta, data) = raw[5..]
                 .split_once(',')
                 .ok_or_else(|| invalid("is a data URI without a ',' before its data".into()))?;
@@ -264,7 +267,11 @@ impl ImageUrl {
             if !(png && meta.starts_with("image/png") || jpeg && meta.starts_with("image/jpeg")) {
                 return Err(invalid(format!(
                     "does not hold the {} image it declares",
-                    if meta.starts_with("image/png") { "PNG" } else { "JPEG" }
+                    if meta.starts_with("image/png") {
+                        "PNG"
+                    } else {
+                        "JPEG"
+                    }
                 )));
             }
             return Ok(Self::Data(raw.to_owned()));
@@ -276,7 +283,9 @@ impl ImageUrl {
         }
         let url = Url::parse(raw).map_err(|e| invalid(format!("is not an absolute URL ({e})")))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(invalid("must use http or https (or be a data:image/... URI)".into()));
+            return Err(invalid(
+                "must use http or https (or be a data:image/... URI)".into(),
+            ));
         }
         if url.host().is_none() {
             return Err(invalid("must name a host".into()));
@@ -976,13 +985,17 @@ mod tests {
         s.providers.fal.api_key = Some(conduit_core::Secret::new("k"));
         let cat = ModelCatalog::from_settings(&s);
         assert_eq!(
-            cat.get("openai-video").and_then(|m| m.missing_setting.clone()).as_deref(),
+            cat.get("openai-video")
+                .and_then(|m| m.missing_setting.clone())
+                .as_deref(),
             Some("CONDUIT__PROVIDERS__OPENAI__BASE_URL")
         );
         s.providers.openai.base_url = "http://127.0.0.1:9".into();
         let cat = ModelCatalog::from_settings(&s);
         assert_eq!(
-            cat.get("openai-video").and_then(|m| m.missing_setting.clone()).as_deref(),
+            cat.get("openai-video")
+                .and_then(|m| m.missing_setting.clone())
+                .as_deref(),
             Some(
                 "models.openai-video.upstream_model in the configuration file \
                  (CONDUIT__MODELS__OPENAI-VIDEO__UPSTREAM_MODEL)"

@@ -503,7 +503,10 @@ fn defaults(
         .set_default("models.fal-video.image_input", true)?
         .set_default("models.fal-video.image_field", "image_url")?
         .set_default("models.veo-video.provider", "veo")?
-        .set_default("models.veo-video.upstream_model", "veo-3.1-generate-preview")?
+        .set_default(
+            "models.veo-video.upstream_model",
+            "veo-3.1-generate-preview",
+        )?
         .set_default("models.veo-video.durations", vec![4, 6, 8])?
         .set_default(
             "models.veo-video.sizes",

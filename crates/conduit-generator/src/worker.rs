@@ -276,7 +276,10 @@ impl Worker {
         &self,
         job: &JobMessage,
         ctx: GenerationContext,
-    ) -> (Result<crate::providers::GeneratedVideo, GenerationError>, String) {
+    ) -> (
+        Result<crate::providers::GeneratedVideo, GenerationError>,
+        String,
+    ) {
         let mut current = job.clone();
         let mut fallbacks = self.providers.fallbacks(job).into_iter();
         loop {

@@ -159,7 +159,10 @@ async fn models_lists_every_configured_model_and_its_availability() {
     assert_eq!(veo["image_input"], true);
     let openai = data.iter().find(|m| m["id"] == "openai-video").unwrap();
     assert_eq!(openai["available"], false);
-    assert_eq!(openai["missing_setting"], "CONDUIT__PROVIDERS__OPENAI__BASE_URL");
+    assert_eq!(
+        openai["missing_setting"],
+        "CONDUIT__PROVIDERS__OPENAI__BASE_URL"
+    );
     app.stop().await;
 }
 

@@ -89,10 +89,7 @@ fn describe(v: &Value) -> Option<String> {
                 .collect();
             (!parts.is_empty()).then(|| parts.join("; "))
         }
-        Value::Object(o) => o
-            .get("msg")
-            .or_else(|| o.get("message"))
-            .and_then(describe),
+        Value::Object(o) => o.get("msg").or_else(|| o.get("message")).and_then(describe),
         Value::Null => None,
         other => Some(other.to_string()),
     }
@@ -213,9 +210,9 @@ impl Provider for FalProvider {
                     }
                     match reply.json::<Queued>() {
                         Err(e) => Step::Fail(format!("fal answered the submit with {e}")),
-                        Ok(q) if q.request_id.is_empty() || q.status_url.is_empty() => {
-                            Step::Fail("fal answered the submit without a request_id or status_url".into())
-                        }
+                        Ok(q) if q.request_id.is_empty() || q.status_url.is_empty() => Step::Fail(
+                            "fal answered the submit without a request_id or status_url".into(),
+                        ),
                         Ok(q) => Step::Done(q),
                     }
                 },
@@ -255,7 +252,9 @@ impl Provider for FalProvider {
                             return step;
                         }
                         match reply.json::<Status>() {
-                            Err(e) => Step::Fail(format!("fal answered the status request with {e}")),
+                            Err(e) => {
+                                Step::Fail(format!("fal answered the status request with {e}"))
+                            }
                             Ok(s) => Step::Done(s),
                         }
                     },
@@ -303,9 +302,10 @@ impl Provider for FalProvider {
                 |reply| {
                     if let Some(step) = http_step(reply) {
                         return match step {
-                            Step::Fail(why) => Step::Fail(
-                                why.replace("fal refused the request", "fal could not generate the video"),
-                            ),
+                            Step::Fail(why) => Step::Fail(why.replace(
+                                "fal refused the request",
+                                "fal could not generate the video",
+                            )),
                             other => other,
                         };
                     }
@@ -336,7 +336,10 @@ mod tests {
 
     #[test]
     fn details_read_as_sentences() {
-        assert_eq!(describe(&json!("bad prompt")).as_deref(), Some("bad prompt"));
+        assert_eq!(
+            describe(&json!("bad prompt")).as_deref(),
+            Some("bad prompt")
+        );
         assert_eq!(
             describe(&json!([{"loc": ["body", "prompt"], "msg": "flagged", "type": "content_policy_violation"}]))
                 .as_deref(),

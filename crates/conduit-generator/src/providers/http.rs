@@ -403,17 +403,13 @@ impl Upstream {
         Self::stop_with(self.request_url(method, url))
     }
 
-    fn stop_with(
-        request: RequestBuilder,
-    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
-        async move {
-            let response = request.send().await.map_err(|e| transport_error(&e))?;
-            let status = response.status();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("HTTP {}", status.as_u16()))
-            }
+    async fn stop_with(request: RequestBuilder) -> Result<(), String> {
+        let response = request.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", status.as_u16()))
         }
     }
 }

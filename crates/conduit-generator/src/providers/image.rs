@@ -64,7 +64,9 @@ pub fn decode_data_uri(raw: &str) -> Option<Result<InputImage, String>> {
             .ok_or("the data URI has no ',' before its data")?;
         let meta = meta.to_ascii_lowercase();
         if meta != "image/png;base64" && meta != "image/jpeg;base64" {
-            return Err("the data URI must be data:image/png;base64, or data:image/jpeg;base64,".into());
+            return Err(
+                "the data URI must be data:image/png;base64, or data:image/jpeg;base64,".into(),
+            );
         }
         if data.len() > MAX_IMAGE_BYTES / 3 * 4 + 4 {
             return Err(format!(

@@ -15,8 +15,7 @@ use async_trait::async_trait;
 use conduit_core::messages::JobMessage;
 
 use super::{
-    image::InputImage, GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate,
-    Provider,
+    image::InputImage, GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate, Provider,
 };
 use crate::render::{self, RenderError, RenderRequest};
 

@@ -321,10 +321,12 @@ mod tests {
         // A size replicate-video cannot make leaves only local-video.
         j.spec.width = 640;
         j.spec.height = 360;
-        let names: Vec<String> = providers.fallbacks(&j).into_iter().map(|f| f.model).collect();
+        let names: Vec<String> = providers
+            .fallbacks(&j)
+            .into_iter()
+            .map(|f| f.model)
+            .collect();
         assert_eq!(names, ["local-video"]);
-        assert!(providers
-            .fallbacks(&job("local-video", "local"))
-            .is_empty());
+        assert!(providers.fallbacks(&job("local-video", "local")).is_empty());
     }
 }

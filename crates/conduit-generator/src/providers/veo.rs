@@ -66,7 +66,10 @@ struct RpcStatus {
 
 impl RpcStatus {
     fn describe(&self) -> String {
-        let message = self.message.clone().unwrap_or_else(|| "no reason given".into());
+        let message = self
+            .message
+            .clone()
+            .unwrap_or_else(|| "no reason given".into());
         match (&self.status, self.code) {
             (Some(s), _) => format!("{message} ({s})"),
             (None, Some(c)) => format!("{message} (code {c})"),
@@ -122,9 +125,7 @@ fn operation_step(reply: &Reply, what: &str) -> Step<Operation> {
 
 /// The video's URI in a finished operation's `response`, or why there is none.
 fn video_uri(response: &Value) -> Result<String, String> {
-    let generated = response
-        .get("generateVideoResponse")
-        .unwrap_or(response);
+    let generated = response.get("generateVideoResponse").unwrap_or(response);
     if let Some(uri) = generated
         .pointer("/generatedSamples/0/video/uri")
         .and_then(Value::as_str)
@@ -135,7 +136,11 @@ fn video_uri(response: &Value) -> Result<String, String> {
     let reasons: Vec<String> = generated
         .get("raiMediaFilteredReasons")
         .and_then(Value::as_array)
-        .map(|r| r.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     let filtered = generated
         .get("raiMediaFilteredCount")
@@ -273,7 +278,10 @@ mod tests {
         let filtered = json!({"generateVideoResponse": {"raiMediaFilteredCount": 1,
             "raiMediaFilteredReasons": ["The prompt could not be submitted."]}});
         let why = video_uri(&filtered).unwrap_err();
-        assert!(why.contains("safety filters") && why.contains("could not be submitted"), "{why}");
+        assert!(
+            why.contains("safety filters") && why.contains("could not be submitted"),
+            "{why}"
+        );
         assert!(video_uri(&json!({})).is_err());
     }
 }

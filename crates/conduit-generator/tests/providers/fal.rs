@@ -31,9 +31,17 @@ async fn a_request_is_queued_polled_through_its_states_and_its_video_downloaded(
     });
     let j = job("fal-video", "fal", "a kite over dunes", 5, (1280, 720));
     let run = run(&provider, &j).await;
-    let fal_job = fake.job_for("a kite over dunes").expect("the fake got the job");
-    assert_eq!(run.video().bytes.as_ref(), fake_video(&fal_job.id).as_slice());
-    assert_eq!(fal_job.model, "fal-ai/kling-video/v2.1/standard/text-to-video");
+    let fal_job = fake
+        .job_for("a kite over dunes")
+        .expect("the fake got the job");
+    assert_eq!(
+        run.video().bytes.as_ref(),
+        fake_video(&fal_job.id).as_slice()
+    );
+    assert_eq!(
+        fal_job.model,
+        "fal-ai/kling-video/v2.1/standard/text-to-video"
+    );
     assert_eq!(
         fal_job.input,
         json!({"prompt": "a kite over dunes", "duration": "5", "aspect_ratio": "16:9"})
@@ -43,7 +51,8 @@ async fn a_request_is_queued_polled_through_its_states_and_its_video_downloaded(
         .iter()
         .all(|r| r.authorization.as_deref() == Some(format!("Key {KEY}").as_str())));
     assert!(requests.iter().any(|r| r.method == "GET"
-        && r.path.ends_with(&format!("/requests/{}/status", fal_job.id))));
+        && r.path
+            .ends_with(&format!("/requests/{}/status", fal_job.id))));
     assert!(requests
         .iter()
         .any(|r| r.method == "GET" && r.path.ends_with(&format!("/requests/{}", fal_job.id))));
@@ -56,7 +65,10 @@ async fn a_request_is_queued_polled_through_its_states_and_its_video_downloaded(
         "Generating at fal",
         "Downloading the video from fal",
     ] {
-        assert!(messages.iter().any(|m| m == expected), "{expected}: {messages:?}");
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "{expected}: {messages:?}"
+        );
     }
 }
 
@@ -90,7 +102,11 @@ async fn rate_limits_are_retried_and_refusals_are_clear() {
             .count(),
         3
     );
-    let flagged = run(&provider, &job("fal-video", "fal", "flagged", 5, (1280, 720))).await;
+    let flagged = run(
+        &provider,
+        &job("fal-video", "fal", "flagged", 5, (1280, 720)),
+    )
+    .await;
     let error = flagged.error();
     assert!(
         error.contains("fal could not generate the video")
@@ -98,9 +114,16 @@ async fn rate_limits_are_retried_and_refusals_are_clear() {
         "{error}"
     );
     assert!(matches!(flagged.result, Err(GenerationError::Failed(_))));
-    let revoked = run(&provider, &job("fal-video", "fal", "revoked", 5, (1280, 720))).await;
+    let revoked = run(
+        &provider,
+        &job("fal-video", "fal", "revoked", 5, (1280, 720)),
+    )
+    .await;
     let error = revoked.error();
-    assert!(error.contains("CONDUIT__PROVIDERS__FAL__API_KEY"), "{error}");
+    assert!(
+        error.contains("CONDUIT__PROVIDERS__FAL__API_KEY"),
+        "{error}"
+    );
     assert_no_key(&error);
 }
 
@@ -111,12 +134,19 @@ async fn a_rate_limit_that_never_clears_leaves_the_provider_unavailable() {
         rate_limited_submits: 100,
         ..Scenario::default()
     });
-    let run = run(&provider, &job("fal-video", "fal", "always busy", 5, (1280, 720))).await;
+    let run = run(
+        &provider,
+        &job("fal-video", "fal", "always busy", 5, (1280, 720)),
+    )
+    .await;
     match &run.result {
         Err(GenerationError::Unavailable(why)) => {
             assert!(why.contains("after 8 attempts"), "{why}")
         }
-        other => panic!("expected an unavailable provider, got {:?}", other.as_ref().err()),
+        other => panic!(
+            "expected an unavailable provider, got {:?}",
+            other.as_ref().err()
+        ),
     }
 }
 
@@ -128,7 +158,10 @@ async fn an_image_goes_to_the_image_to_video_endpoint_as_image_url() {
     let run = run(&provider, &j).await;
     assert!(run.result.is_ok());
     let fal_job = fake.job_for("the cat wakes up").expect("job");
-    assert_eq!(fal_job.model, "fal-ai/kling-video/v2.1/standard/image-to-video");
+    assert_eq!(
+        fal_job.model,
+        "fal-ai/kling-video/v2.1/standard/image-to-video"
+    );
     assert_eq!(fal_job.input["image_url"], "https://images.example/cat.png");
 }
 
@@ -141,7 +174,9 @@ async fn a_cancel_puts_the_cancel_url() {
     let (ctx, _) = context(cancel.clone());
     let watcher = async {
         conduit_system_tests::eventually("polls", Duration::from_secs(30), || async {
-            fake.job_for("cancelled").filter(|j| j.polls >= 2).map(|_| ())
+            fake.job_for("cancelled")
+                .filter(|j| j.polls >= 2)
+                .map(|_| ())
         })
         .await;
         cancel.cancel();
@@ -152,5 +187,6 @@ async fn a_cancel_puts_the_cancel_url() {
     let fal_job = fake.job_for("cancelled").expect("job");
     assert!(fal_job.cancelled);
     assert!(fake.requests().iter().any(|r| r.method == "PUT"
-        && r.path.ends_with(&format!("/requests/{}/cancel", fal_job.id))));
+        && r.path
+            .ends_with(&format!("/requests/{}/cancel", fal_job.id))));
 }

@@ -120,7 +120,13 @@ async fn minimax_and_replicate_get_the_image_in_their_first_frame_field() {
 
     let fake = FakeProvider::start(Protocol::Replicate, KEY);
     let provider = ReplicateProvider::new(&account(&fake, KEY), &models()).expect("adapter");
-    let mut j = job("replicate-video", "replicate", "a waking dog", 6, (1280, 720));
+    let mut j = job(
+        "replicate-video",
+        "replicate",
+        "a waking dog",
+        6,
+        (1280, 720),
+    );
     j.image_url = Some("https://images.example/dog.jpg".into());
     assert!(run(&provider, &j).await.result.is_ok());
     let got = fake.job_for("a waking dog").expect("job");
@@ -157,7 +163,10 @@ async fn an_image_on_an_internal_address_is_refused_unless_allowed() {
         .load(&url, &CancellationToken::new())
         .await
         .expect_err("loopback refused");
-    assert!(refused.to_string().contains("internal address"), "{refused}");
+    assert!(
+        refused.to_string().contains("internal address"),
+        "{refused}"
+    );
     let loaded = ImageLoader::new(true)
         .load(&url, &CancellationToken::new())
         .await
@@ -169,7 +178,13 @@ async fn an_image_on_an_internal_address_is_refused_unless_allowed() {
 async fn local_video_starts_with_the_image_and_keeps_it_as_background() {
     let (rgb, png) = test_picture(160, 96);
     use base64::Engine;
-    let mut j = job("local-video", "local", "a picture comes alive", 1, (160, 96));
+    let mut j = job(
+        "local-video",
+        "local",
+        "a picture comes alive",
+        1,
+        (160, 96),
+    );
     j.spec.fps = 6;
     j.image_url = Some(format!(
         "data:image/png;base64,{}",
@@ -179,7 +194,10 @@ async fn local_video_starts_with_the_image_and_keeps_it_as_background() {
     let (w, h, first) = first_frame_rgb(&with_image.video().bytes);
     assert_eq!((w, h), (160, 96));
     let difference = mean_difference(&first, &rgb);
-    assert!(difference < 8.0, "first frame differs from the image by {difference}");
+    assert!(
+        difference < 8.0,
+        "first frame differs from the image by {difference}"
+    );
     // Without the image the first frame is the gradient scene, far from the picture.
     j.image_url = None;
     let plain = run(&LocalProvider, &j).await;

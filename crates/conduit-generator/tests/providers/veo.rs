@@ -28,7 +28,9 @@ async fn an_operation_is_started_polled_until_done_and_its_sample_downloaded_wit
     });
     let j = job("veo-video", "veo", "waves on basalt", 8, (1280, 720));
     let run = run(&provider, &j).await;
-    let op = fake.job_for("waves on basalt").expect("the fake got the job");
+    let op = fake
+        .job_for("waves on basalt")
+        .expect("the fake got the job");
     assert_eq!(run.video().bytes.as_ref(), fake_video(&op.id).as_slice());
     assert_eq!(op.model, "veo-3.1-generate-preview");
     assert_eq!(
@@ -43,14 +45,25 @@ async fn an_operation_is_started_polled_until_done_and_its_sample_downloaded_wit
     assert!(requests.iter().any(|r| r.method == "POST"
         && r.path == "/v1beta/models/veo-3.1-generate-preview:predictLongRunning"));
     assert!(requests.iter().any(|r| r.method == "GET"
-        && r.path == format!("/v1beta/models/veo-3.1-generate-preview/operations/{}", op.id)));
+        && r.path
+            == format!(
+                "/v1beta/models/veo-3.1-generate-preview/operations/{}",
+                op.id
+            )));
     assert!(requests
         .iter()
         .any(|r| r.path == format!("/v1beta/files/{}:download", op.id) && r.query == "alt=media"));
     run.assert_progress_monotonic();
     let messages = run.messages();
-    for expected in ["Submitted to Veo", "Generating at Veo", "Downloading the video from Veo"] {
-        assert!(messages.iter().any(|m| m == expected), "{expected}: {messages:?}");
+    for expected in [
+        "Submitted to Veo",
+        "Generating at Veo",
+        "Downloading the video from Veo",
+    ] {
+        assert!(
+            messages.iter().any(|m| m == expected),
+            "{expected}: {messages:?}"
+        );
     }
 }
 
@@ -59,9 +72,15 @@ async fn safety_filters_errors_and_a_bad_key_become_clear_errors() {
     let (fake, provider) = start();
     fake.on_prompt(
         "filtered",
-        Scenario::failing("RAI", "The prompt could not be submitted. It may violate our policies."),
+        Scenario::failing(
+            "RAI",
+            "The prompt could not be submitted. It may violate our policies.",
+        ),
     );
-    fake.on_prompt("broken", Scenario::failing("INTERNAL", "The model crashed."));
+    fake.on_prompt(
+        "broken",
+        Scenario::failing("INTERNAL", "The model crashed."),
+    );
     fake.on_prompt(
         "revoked",
         Scenario {
@@ -76,20 +95,35 @@ async fn safety_filters_errors_and_a_bad_key_become_clear_errors() {
             ..Scenario::default()
         },
     );
-    let filtered = run(&provider, &job("veo-video", "veo", "filtered", 8, (1280, 720))).await;
+    let filtered = run(
+        &provider,
+        &job("veo-video", "veo", "filtered", 8, (1280, 720)),
+    )
+    .await;
     assert_eq!(
         filtered.error(),
         "Veo's safety filters withheld the generated video: The prompt could not be submitted. It may violate our policies."
     );
     assert!(matches!(filtered.result, Err(GenerationError::Failed(_))));
-    let broken = run(&provider, &job("veo-video", "veo", "broken", 8, (1280, 720))).await;
+    let broken = run(
+        &provider,
+        &job("veo-video", "veo", "broken", 8, (1280, 720)),
+    )
+    .await;
     assert_eq!(
         broken.error(),
         "Veo could not generate the video: The model crashed. (INTERNAL)"
     );
-    let revoked = run(&provider, &job("veo-video", "veo", "revoked", 8, (1280, 720))).await;
+    let revoked = run(
+        &provider,
+        &job("veo-video", "veo", "revoked", 8, (1280, 720)),
+    )
+    .await;
     let error = revoked.error();
-    assert!(error.contains("CONDUIT__PROVIDERS__VEO__API_KEY"), "{error}");
+    assert!(
+        error.contains("CONDUIT__PROVIDERS__VEO__API_KEY"),
+        "{error}"
+    );
     assert_no_key(&error);
     let busy = run(&provider, &job("veo-video", "veo", "busy", 8, (720, 1280))).await;
     assert!(busy.result.is_ok());
