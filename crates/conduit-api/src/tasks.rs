@@ -96,14 +96,15 @@ pub struct TaskRow {
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
     pub last_seq: i64,
-    /// The first frame of an image-to-video task (`image_url` as submitted).
+    /// The first frame of an image-to-video task (`image_url` as submitted). Not among
+    /// [`TASK_COLUMNS`]: only a query that adds `image_url` fills it in.
     pub image_url: Option<String>,
 }
 
 pub const TASK_COLUMNS: &str = "id, api_key_id, attempt, status, progress, message, eta_seconds, \
      model, provider, upstream_model, prompt, duration, width, height, fps, seed, webhook_url, \
      webhook_headers, webhook_events, video_key, generation_duration_seconds, error, created_at, \
-     updated_at, completed_at, last_seq, image_url";
+     updated_at, completed_at, last_seq";
 
 impl TaskRow {
     pub fn from_row(row: &Row) -> anyhow::Result<Self> {
@@ -138,7 +139,9 @@ impl TaskRow {
             updated_at: row.try_get("updated_at")?,
             completed_at: row.try_get("completed_at")?,
             last_seq: row.try_get("last_seq")?,
-            image_url: row.try_get("image_url")?,
+            // Read only where a job is built (retry): a data URI can be megabytes, and
+            // the ledger and the task views have no use for it.
+            image_url: row.try_get("image_url").ok().flatten(),
         })
     }
 
@@ -529,7 +532,7 @@ pub async fn retry(pool: &Pool, caller: &Caller, task_id: Uuid) -> Result<TaskRo
                      message = NULL, eta_seconds = NULL, video_key = NULL,
                      generation_duration_seconds = NULL, error = NULL, completed_at = NULL,
                      last_seq = -1, updated_at = $2
-                 WHERE id = $1 RETURNING {TASK_COLUMNS}"
+                 WHERE id = $1 RETURNING {TASK_COLUMNS}, image_url"
             ),
             &[&task.id, &now],
         )

@@ -238,3 +238,63 @@ async fn an_image_url_is_kept_with_the_task_and_a_large_data_uri_passes_the_body
     assert_eq!(json["error"]["param"], "image_url");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_retried_image_task_carries_its_image_again() {
+    let app = TestApp::spawn().await;
+    let mut jobs = app.collect(Source::Queue(route::JOBS.into()));
+    let mut b = body();
+    b["image_url"] = json!("https://images.example/first.png");
+    let id = app.submit_ok(&b).await;
+    let first = jobs.next().await;
+    assert_eq!(first["image_url"], "https://images.example/first.png");
+    app.status_event(
+        id,
+        1,
+        1,
+        StatusKind::Failed {
+            error: "provider said no".into(),
+        },
+    )
+    .await;
+    app.wait_status(id, "failed").await;
+    let (status, _) = app
+        .post(&format!("/v1/videos/generations/tasks/{id}/retry"))
+        .await;
+    assert_eq!(status, 202);
+    let second = jobs.next().await;
+    assert_eq!(second["attempt"], 2);
+    assert_eq!(second["image_url"], "https://images.example/first.png");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_video_made_by_a_fallback_model_says_so() {
+    let app = TestApp::spawn().await;
+    let mut hooks = app.collect(Source::Queue(route::WEBHOOKS.into()));
+    let mut b = body();
+    b["webhook_url"] = json!("https://example.com/hook");
+    b["webhook_events"] = json!(["completed"]);
+    let id = app.submit_ok(&b).await;
+    app.status_event(
+        id,
+        1,
+        1,
+        StatusKind::Completed {
+            video_key: conduit_core::storage::video_key(id, 1),
+            generation_duration_seconds: 2.0,
+            model: Some("veo-video".into()),
+        },
+    )
+    .await;
+    let t = app.wait_status(id, "completed").await;
+    assert_eq!(t["model"], "local-video");
+    assert_eq!(
+        t["message"],
+        "Video generation completed by fallback model veo-video (local-video was unavailable)"
+    );
+    let hook = hooks.next().await;
+    let payload: serde_json::Value = serde_json::from_str(hook["body"].as_str().unwrap()).unwrap();
+    assert_eq!(payload["model"], "veo-video");
+    app.stop().await;
+}

@@ -160,6 +160,15 @@ impl Providers {
                 Ok(Arc::new(VeoProvider::new(&s.providers.veo, &s.models)?))
             }),
         ];
+        for (model, m) in &settings.models {
+            for fallback in m
+                .fallback
+                .iter()
+                .filter(|f| !settings.models.contains_key(*f))
+            {
+                tracing::warn!(%model, %fallback, "fallback names a model that is not configured; it is skipped");
+            }
+        }
         for (name, configured, build) in remote {
             if !configured {
                 continue;
