@@ -488,6 +488,7 @@ fn minimax_params(p: &Value) -> Result<(), String> {
             "fast_pretreatment",
             "callback_url",
             "aigc_watermark",
+            "first_frame_image",
         ]
         .contains(&key.as_str())
         {
@@ -559,7 +560,7 @@ fn openai(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let Some(fields) = multipart_fields(&content_type, body) else {
+        let Some(mut fields) = multipart_fields(&content_type, body) else {
             return openai_error(
                 400,
                 "invalid_request",
@@ -603,6 +604,15 @@ fn openai(
         }
         if let Some((code, message)) = &scenario.refuse_submit {
             return openai_error(400, code, message);
+        }
+        // The first frame arrives as a file part: recorded as base64 of its exact bytes.
+        if let Some((mime, bytes)) = multipart_file(&content_type, body, "input_reference") {
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            fields.insert(
+                "input_reference".into(),
+                format!("data:{mime};base64,{encoded}"),
+            );
         }
         let params = json!(fields);
         let id = new_job(s, &prompt, params, scenario);
@@ -686,6 +696,36 @@ fn multipart_fields(content_type: &str, body: &[u8]) -> Option<BTreeMap<String, 
         fields.insert(name, value.strip_suffix("\r\n").unwrap_or(value).to_owned());
     }
     Some(fields)
+}
+
+/// The content type and exact bytes of the file part `name` of a `multipart/form-data` body.
+fn multipart_file(content_type: &str, body: &[u8], name: &str) -> Option<(String, Vec<u8>)> {
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))?
+        .trim_matches('"');
+    let delimiter = format!("\r\n--{boundary}").into_bytes();
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
+    };
+    let marker = format!("name=\"{name}\"").into_bytes();
+    let at = find(body, &marker, 0)?;
+    let headers_end = find(body, b"\r\n\r\n", at)?;
+    let headers = String::from_utf8_lossy(&body[at..headers_end]).to_string();
+    let mime = headers
+        .split("\r\n")
+        .find_map(|h| {
+            h.strip_prefix("Content-Type: ")
+                .or_else(|| h.strip_prefix("content-type: "))
+        })
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let start = headers_end + 4;
+    let end = find(body, &delimiter, start)?;
+    Some((mime, body[start..end].to_vec()))
 }
 
 // ---- Replicate ---------------------------------------------------------------------
