@@ -10,16 +10,10 @@
 //! submits (HTTP 429), polls that find the request queued or running, a failure (the
 //! result answers HTTP 422 with `detail`), a refused key, a refused submit (HTTP 422).
 
-use std::{
-    collections::BTreeMap,
-    net::TcpListener,
-    sync::{Arc, Mutex},
-};
-
-use actix_web::{dev::ServerHandle, web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
-use crate::fakes::{fake_video, Ending, Recorded, Scenario};
+use crate::fakes::{fake_video, Ending, FakeJobRecord, FakeServer, Scenario, Shared};
 
 /// One request the fake queued.
 #[derive(Debug, Clone)]
@@ -36,114 +30,23 @@ pub struct FalJob {
     scenario: Scenario,
 }
 
-struct State {
-    key: String,
-    base_url: String,
-    default: Scenario,
-    rules: Vec<(String, Scenario)>,
-    limited: BTreeMap<String, u32>,
-    jobs: Vec<FalJob>,
-    requests: Vec<Recorded>,
-    next_id: u64,
-}
-
-impl State {
-    fn scenario(&self, prompt: &str) -> Scenario {
-        self.rules
-            .iter()
-            .find(|(needle, _)| prompt.contains(needle.as_str()))
-            .map(|(_, s)| s.clone())
-            .unwrap_or_else(|| self.default.clone())
+impl FakeJobRecord for FalJob {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    fn job(&mut self, id: &str) -> Option<&mut FalJob> {
-        self.jobs.iter_mut().find(|j| j.id == id)
+    fn prompt(&self) -> &str {
+        &self.prompt
     }
 }
 
-/// A running fake of fal's queue; stops when dropped.
-pub struct FakeFal {
-    port: u16,
-    state: Arc<Mutex<State>>,
-    handle: ServerHandle,
-}
+/// A fake of fal's queue.
+pub type FakeFal = FakeServer<FalJob>;
 
-impl FakeFal {
+impl FakeServer<FalJob> {
     /// Starts a fake that accepts `Authorization: Key <key>`.
     pub fn start(key: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake fal");
-        let port = listener.local_addr().expect("fake fal address").port();
-        let state = Arc::new(Mutex::new(State {
-            key: key.to_owned(),
-            base_url: format!("http://127.0.0.1:{port}"),
-            default: Scenario::default(),
-            rules: Vec::new(),
-            limited: BTreeMap::new(),
-            jobs: Vec::new(),
-            requests: Vec::new(),
-            next_id: 1,
-        }));
-        let shared = web::Data::from(state.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(shared.clone())
-                .app_data(web::PayloadConfig::new(32 << 20))
-                .default_service(web::to(handle))
-        })
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .listen(listener)
-        .expect("fake fal listens")
-        .run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        Self {
-            port,
-            state,
-            handle,
-        }
-    }
-
-    /// `CONDUIT__PROVIDERS__FAL__BASE_URL`.
-    pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn on_prompt(&self, needle: &str, scenario: Scenario) {
-        self.lock().rules.push((needle.to_owned(), scenario));
-    }
-
-    pub fn set_default(&self, scenario: Scenario) {
-        self.lock().default = scenario;
-    }
-
-    pub fn jobs(&self) -> Vec<FalJob> {
-        self.lock().jobs.clone()
-    }
-
-    pub fn job_for(&self, prompt: &str) -> Option<FalJob> {
-        self.lock()
-            .jobs
-            .iter()
-            .find(|j| j.prompt == prompt)
-            .cloned()
-    }
-
-    pub fn requests(&self) -> Vec<Recorded> {
-        self.lock().requests.clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("fake fal state")
-    }
-}
-
-impl Drop for FakeFal {
-    fn drop(&mut self) {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(self.handle.stop(false));
-        }
+        Self::serve((), key, 32 << 20, handle)
     }
 }
 
@@ -155,25 +58,9 @@ fn error(status: u16, detail: Value) -> HttpResponse {
     .json(json!({ "detail": detail }))
 }
 
-async fn handle(
-    req: HttpRequest,
-    body: web::Bytes,
-    state: web::Data<Mutex<State>>,
-) -> HttpResponse {
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+async fn handle(req: HttpRequest, body: web::Bytes, state: Shared<FalJob>) -> HttpResponse {
     let mut s = state.lock().expect("fake fal state");
-    s.requests.push(Recorded {
-        method: req.method().to_string(),
-        path: req.path().to_owned(),
-        query: req.query_string().to_owned(),
-        authorization: header("authorization"),
-        content_type: header("content-type"),
-    });
+    let presented = s.record(&req, "authorization");
     let path = req.path().trim_start_matches('/').to_owned();
     let method = req.method().as_str().to_owned();
     if method == "GET" {
@@ -191,7 +78,6 @@ async fn handle(
                 .body(fake_video(&id));
         }
     }
-    let presented = header("authorization").unwrap_or_default();
     if presented != format!("Key {}", s.key) {
         return error(
             401,

@@ -12,16 +12,10 @@
 //! message as the filter's reason; any other code: an operation `error` with that status),
 //! a refused key (400 `API_KEY_INVALID`), a refused submit (400 `INVALID_ARGUMENT`).
 
-use std::{
-    collections::BTreeMap,
-    net::TcpListener,
-    sync::{Arc, Mutex},
-};
-
-use actix_web::{dev::ServerHandle, web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
-use crate::fakes::{fake_video, Ending, Recorded, Scenario};
+use crate::fakes::{fake_video, Ending, FakeJobRecord, FakeServer, Scenario, Shared};
 
 /// One operation the fake started.
 #[derive(Debug, Clone)]
@@ -37,114 +31,23 @@ pub struct VeoJob {
     scenario: Scenario,
 }
 
-struct State {
-    key: String,
-    base_url: String,
-    default: Scenario,
-    rules: Vec<(String, Scenario)>,
-    limited: BTreeMap<String, u32>,
-    jobs: Vec<VeoJob>,
-    requests: Vec<Recorded>,
-    next_id: u64,
-}
-
-impl State {
-    fn scenario(&self, prompt: &str) -> Scenario {
-        self.rules
-            .iter()
-            .find(|(needle, _)| prompt.contains(needle.as_str()))
-            .map(|(_, s)| s.clone())
-            .unwrap_or_else(|| self.default.clone())
+impl FakeJobRecord for VeoJob {
+    fn id(&self) -> &str {
+        &self.id
     }
 
-    fn job(&mut self, id: &str) -> Option<&mut VeoJob> {
-        self.jobs.iter_mut().find(|j| j.id == id)
+    fn prompt(&self) -> &str {
+        &self.prompt
     }
 }
 
-/// A running fake of the Gemini API's Veo endpoints; stops when dropped.
-pub struct FakeVeo {
-    port: u16,
-    state: Arc<Mutex<State>>,
-    handle: ServerHandle,
-}
+/// A fake of the Gemini API's Veo endpoints.
+pub type FakeVeo = FakeServer<VeoJob>;
 
-impl FakeVeo {
+impl FakeServer<VeoJob> {
     /// Starts a fake that accepts `x-goog-api-key: <key>`.
     pub fn start(key: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake Veo");
-        let port = listener.local_addr().expect("fake Veo address").port();
-        let state = Arc::new(Mutex::new(State {
-            key: key.to_owned(),
-            base_url: format!("http://127.0.0.1:{port}"),
-            default: Scenario::default(),
-            rules: Vec::new(),
-            limited: BTreeMap::new(),
-            jobs: Vec::new(),
-            requests: Vec::new(),
-            next_id: 1,
-        }));
-        let shared = web::Data::from(state.clone());
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(shared.clone())
-                .app_data(web::PayloadConfig::new(32 << 20))
-                .default_service(web::to(handle))
-        })
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .listen(listener)
-        .expect("fake Veo listens")
-        .run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        Self {
-            port,
-            state,
-            handle,
-        }
-    }
-
-    /// `CONDUIT__PROVIDERS__VEO__BASE_URL`.
-    pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn on_prompt(&self, needle: &str, scenario: Scenario) {
-        self.lock().rules.push((needle.to_owned(), scenario));
-    }
-
-    pub fn set_default(&self, scenario: Scenario) {
-        self.lock().default = scenario;
-    }
-
-    pub fn jobs(&self) -> Vec<VeoJob> {
-        self.lock().jobs.clone()
-    }
-
-    pub fn job_for(&self, prompt: &str) -> Option<VeoJob> {
-        self.lock()
-            .jobs
-            .iter()
-            .find(|j| j.prompt == prompt)
-            .cloned()
-    }
-
-    pub fn requests(&self) -> Vec<Recorded> {
-        self.lock().requests.clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("fake Veo state")
-    }
-}
-
-impl Drop for FakeVeo {
-    fn drop(&mut self) {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(self.handle.stop(false));
-        }
+        Self::serve((), key, 32 << 20, handle)
     }
 }
 
@@ -208,26 +111,11 @@ fn check_body(body: &Value) -> Result<(), String> {
     Ok(())
 }
 
-async fn handle(
-    req: HttpRequest,
-    body: web::Bytes,
-    state: web::Data<Mutex<State>>,
-) -> HttpResponse {
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
+async fn handle(req: HttpRequest, body: web::Bytes, state: Shared<VeoJob>) -> HttpResponse {
     let mut s = state.lock().expect("fake Veo state");
-    s.requests.push(Recorded {
-        method: req.method().to_string(),
-        path: req.path().to_owned(),
-        query: req.query_string().to_owned(),
-        authorization: header("x-goog-api-key"),
-        content_type: header("content-type"),
-    });
-    if header("x-goog-api-key").as_deref() != Some(s.key.as_str()) {
+    // Veo takes its key in `x-goog-api-key`; it is recorded as the credential.
+    let presented = s.record(&req, "x-goog-api-key");
+    if presented != s.key {
         return HttpResponse::BadRequest().json(json!({"error": {
             "code": 400,
             "message": "API key not valid. Please pass a valid API key.",

@@ -642,13 +642,19 @@ impl GenerationRequest {
 /// Refuses webhook targets on internal addresses: a literal address, or a name that
 /// resolves to one. A name that does not resolve (yet) is accepted; the sender checks
 /// the address it dials anyway.
-pub(crate) async fn guard_webhook_target(url: &WebhookUrl, allow_private: bool) -> Result<(), FieldError> {
+pub(crate) async fn guard_webhook_target(
+    url: &WebhookUrl,
+    allow_private: bool,
+) -> Result<(), FieldError> {
     guard_target(url.url(), "webhook_url", allow_private).await
 }
 
 /// The same check for an `image_url` that is a URL (a data URI goes nowhere); the
 /// generator checks the address it dials too.
-pub(crate) async fn guard_image_target(image: &ImageUrl, allow_private: bool) -> Result<(), FieldError> {
+pub(crate) async fn guard_image_target(
+    image: &ImageUrl,
+    allow_private: bool,
+) -> Result<(), FieldError> {
     match image {
         ImageUrl::Remote(url) => guard_target(url, "image_url", allow_private).await,
         ImageUrl::Data(_) => Ok(()),
@@ -656,7 +662,11 @@ pub(crate) async fn guard_image_target(image: &ImageUrl, allow_private: bool) ->
 }
 
 /// Refuses a `url` (the request field `param`) on an internal address.
-pub(crate) async fn guard_target(url: &Url, param: &str, allow_private: bool) -> Result<(), FieldError> {
+pub(crate) async fn guard_target(
+    url: &Url,
+    param: &str,
+    allow_private: bool,
+) -> Result<(), FieldError> {
     if allow_private {
         return Ok(());
     }
