@@ -1,60 +1,18 @@
 //! Who is calling: the API key from `Authorization: Bearer` or `X-API-Key`, resolved to
-//! its stored record. Look-ups are cached for a few seconds (hashed keys only), which
-//! keeps the database out of the hot path while a revoked key still stops working
-//! within [`CACHE_TTL`].
+//! its stored record through the [`KeyCache`](crate::keys::KeyCache).
 
-use std::{
-    collections::HashMap,
-    future::Future,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+use std::{future::Future, pin::Pin};
 
 use actix_web::{http::header, web, FromRequest, HttpRequest};
-use anyhow::Context;
-use deadpool_postgres::Pool;
 use uuid::Uuid;
 
-use crate::{error::ApiError, keys, state::AppState};
-
-/// How long a resolved key is trusted without asking the database again.
-pub const CACHE_TTL: Duration = Duration::from_secs(5);
-/// Bound on remembered keys, so random garbage cannot grow the cache without limit.
-const CACHE_CAPACITY: usize = 10_000;
+use crate::{error::ApiError, state::AppState};
 
 /// The authenticated caller of a `/v1` route.
 #[derive(Debug, Clone)]
-pub struct Caller {
-    pub key_id: Uuid,
-    pub webhook_secret: String,
-}
-
-#[derive(Default)]
-pub struct KeyCache {
-    entries: Mutex<HashMap<[u8; 32], (Instant, Caller)>>,
-}
-
-impl KeyCache {
-    fn get(&self, hash: &[u8; 32]) -> Option<Caller> {
-        let entries = self.entries.lock().ok()?;
-        entries
-            .get(hash)
-            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
-            .map(|(_, c)| c.clone())
-    }
-
-    fn put(&self, hash: [u8; 32], caller: Caller) {
-        if let Ok(mut entries) = self.entries.lock() {
-            if entries.len() >= CACHE_CAPACITY {
-                entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
-                if entries.len() >= CACHE_CAPACITY {
-                    entries.clear();
-                }
-            }
-            entries.insert(hash, (Instant::now(), caller));
-        }
-    }
+pub(crate) struct Caller {
+    pub(crate) key_id: Uuid,
+    pub(crate) webhook_secret: String,
 }
 
 /// The key the request presents, if any.
@@ -75,34 +33,6 @@ fn presented_key(req: &HttpRequest) -> Option<&str> {
     })
 }
 
-async fn resolve(pool: &Pool, cache: &KeyCache, key: &str) -> Result<Caller, ApiError> {
-    if !keys::looks_like_key(key) {
-        return Err(ApiError::Unauthorized);
-    }
-    let hash = keys::hash_key(key);
-    if let Some(caller) = cache.get(&hash) {
-        return Ok(caller);
-    }
-    let client = pool.get().await?;
-    let stmt = client
-        .prepare_cached(
-            "SELECT id, webhook_secret FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-        )
-        .await
-        .context("preparing key look-up")?;
-    let row = client
-        .query_opt(&stmt, &[&hash.as_slice()])
-        .await
-        .context("looking up the API key")?
-        .ok_or(ApiError::Unauthorized)?;
-    let caller = Caller {
-        key_id: row.get(0),
-        webhook_secret: row.get(1),
-    };
-    cache.put(hash, caller.clone());
-    Ok(caller)
-}
-
 impl FromRequest for Caller {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
@@ -114,10 +44,15 @@ impl FromRequest for Caller {
             let state =
                 state.ok_or_else(|| ApiError::Unexpected(anyhow::anyhow!("app state missing")))?;
             let key = key.ok_or(ApiError::Unauthorized)?;
-            resolve(&state.pool, &state.key_cache, &key).await
+            let active = state
+                .key_cache
+                .resolve(&state.pool, &key)
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
+            Ok(Caller {
+                key_id: active.id,
+                webhook_secret: active.webhook_secret,
+            })
         })
     }
 }
-
-/// Shared handle, so the cache lives as long as the app.
-pub type SharedKeyCache = Arc<KeyCache>;

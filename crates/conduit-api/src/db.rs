@@ -12,7 +12,7 @@ use tracing::info;
 
 use self::tls::MakeRustls;
 
-pub mod tls;
+mod tls;
 
 /// Every migration, in order. Never edit one that has shipped: add the next.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -21,6 +21,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "no per-row key checks",
         include_str!("../migrations/0002_no_per_row_key_checks.sql"),
+    ),
+    (
+        3,
+        "image_url",
+        include_str!("../migrations/0003_image_url.sql"),
     ),
 ];
 
@@ -76,7 +81,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
 
 /// Creates the database named in `database.url` when it does not exist, by connecting
 /// to the `postgres` database of the same server.
-pub async fn ensure_database(settings: &DatabaseSettings) -> anyhow::Result<()> {
+pub(crate) async fn ensure_database(settings: &DatabaseSettings) -> anyhow::Result<()> {
     let (config, tls) = pg_config(settings.url.expose())?;
     let Some(name) = config.get_dbname().map(str::to_owned) else {
         bail!("database.url names no database");
@@ -123,7 +128,7 @@ fn is_duplicate_database(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Applies every migration not yet recorded in `schema_migrations`.
-pub async fn migrate(pool: &Pool) -> anyhow::Result<()> {
+pub(crate) async fn migrate(pool: &Pool) -> anyhow::Result<()> {
     let mut client = pool
         .get()
         .await
@@ -177,7 +182,11 @@ pub async fn connect_and_migrate(settings: &DatabaseSettings) -> anyhow::Result<
 
 /// A value of the `settings` table, written once when missing (first writer wins, so
 /// every replica ends up with the same value).
-pub async fn setting_or_insert(pool: &Pool, key: &str, fresh: String) -> anyhow::Result<String> {
+pub(crate) async fn setting_or_insert(
+    pool: &Pool,
+    key: &str,
+    fresh: String,
+) -> anyhow::Result<String> {
     let client = pool.get().await.context("connecting to the database")?;
     client
         .execute(
@@ -191,4 +200,38 @@ pub async fn setting_or_insert(pool: &Pool, key: &str, fresh: String) -> anyhow:
         .await
         .with_context(|| format!("reading setting {key}"))?;
     Ok(row.get(0))
+}
+
+/// True when an error chain says the database cannot be reached right now.
+pub(crate) fn is_unavailable(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        if cause
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some()
+        {
+            return true;
+        }
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return pg_is_unavailable(pg);
+        }
+        cause.downcast_ref::<std::io::Error>().is_some()
+    })
+}
+
+fn pg_is_unavailable(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.as_db_error() {
+        // Connection exceptions, shutdowns, too many connections, read-only failover.
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || code == "25006"
+        }
+        None => std::error::Error::source(err)
+            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()),
+    }
 }

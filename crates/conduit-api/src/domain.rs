@@ -18,16 +18,19 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use url::{Host, Url};
 
-use crate::error::FieldError;
+use crate::{
+    error::FieldError,
+    ledger::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents},
+};
 
-pub const MAX_PROMPT_CHARS: usize = 4000;
-pub const MAX_DURATION: u32 = 60;
-pub const DEFAULT_DURATION: u32 = 6;
-pub const DEFAULT_SIZE: (u32, u32) = (1280, 720);
-pub const DEFAULT_FPS: u32 = 24;
-pub const MAX_URL_CHARS: usize = 2048;
-pub const MAX_HEADERS: usize = 20;
-pub const MAX_HEADERS_BYTES: usize = 8 * 1024;
+pub(crate) const MAX_PROMPT_CHARS: usize = 4000;
+pub(crate) const MAX_DURATION: u32 = 60;
+pub(crate) const DEFAULT_DURATION: u32 = 6;
+pub(crate) const DEFAULT_SIZE: (u32, u32) = (1280, 720);
+pub(crate) const DEFAULT_FPS: u32 = 24;
+pub(crate) const MAX_URL_CHARS: usize = 2048;
+pub(crate) const MAX_HEADERS: usize = 20;
+pub(crate) const MAX_HEADERS_BYTES: usize = 8 * 1024;
 const FORBIDDEN_HEADERS: [&str; 6] = [
     "host",
     "content-length",
@@ -36,7 +39,11 @@ const FORBIDDEN_HEADERS: [&str; 6] = [
     "connection",
     "user-agent",
 ];
-const FIELDS: [&str; 9] = [
+/// Largest `image_url` image, decoded.
+pub const MAX_IMAGE_BYTES: usize = 10 << 20;
+/// Longest `data:` `image_url`: the prefix and 10 MiB as base64.
+pub const MAX_IMAGE_DATA_URI_CHARS: usize = 64 + MAX_IMAGE_BYTES.div_ceil(3) * 4;
+const FIELDS: [&str; 10] = [
     "model",
     "prompt",
     "duration",
@@ -46,56 +53,82 @@ const FIELDS: [&str; 9] = [
     "webhook_url",
     "webhook_headers",
     "webhook_events",
+    "image_url",
 ];
 
 /// One configured model and whether its provider can be used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ModelEntry {
-    pub id: String,
-    pub provider: String,
-    pub upstream_model: Option<String>,
-    pub max_duration: Option<u32>,
+pub(crate) struct ModelEntry {
+    pub(crate) id: String,
+    pub(crate) provider: String,
+    pub(crate) upstream_model: Option<String>,
+    pub(crate) max_duration: Option<u32>,
     /// The setting that must be set before the model can be used, when it is not.
-    pub missing_setting: Option<String>,
+    pub(crate) missing_setting: Option<String>,
     /// The model's configured limits (durations, sizes, resolutions), checked at submit.
     #[serde(skip)]
-    pub settings: ModelSettings,
+    pub(crate) settings: ModelSettings,
 }
 
 impl ModelEntry {
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         self.missing_setting.is_none()
+    }
+
+    /// Whether the model takes an `image_url`.
+    pub fn image_input(&self) -> bool {
+        self.settings.image_input
+    }
+}
+
+/// The setting a model still needs before it can be used, if any.
+fn missing_setting(id: &str, m: &ModelSettings, settings: &Settings) -> Option<String> {
+    let p = &settings.providers;
+    let model_key = || format!("CONDUIT__MODELS__{}", id.to_uppercase());
+    let no_upstream = m
+        .upstream_model
+        .as_deref()
+        .is_none_or(|u| u.trim().is_empty());
+    match m.provider.as_str() {
+        "local" => None,
+        "minimax" if p.minimax.api_key.is_none() => {
+            Some("CONDUIT__PROVIDERS__MINIMAX__API_KEY".to_owned())
+        }
+        "openai" if p.openai.base_url.trim().is_empty() => {
+            Some("CONDUIT__PROVIDERS__OPENAI__BASE_URL".to_owned())
+        }
+        "openai" if p.openai.api_key.is_none() => {
+            Some("CONDUIT__PROVIDERS__OPENAI__API_KEY".to_owned())
+        }
+        "replicate" if p.replicate.api_key.is_none() => {
+            Some("CONDUIT__PROVIDERS__REPLICATE__API_TOKEN".to_owned())
+        }
+        "fal" if p.fal.api_key.is_none() => Some("CONDUIT__PROVIDERS__FAL__API_KEY".to_owned()),
+        "veo" if p.veo.api_key.is_none() => Some("CONDUIT__PROVIDERS__VEO__API_KEY".to_owned()),
+        // These name the provider's model explicitly: there is no default to fall back on.
+        "openai" | "replicate" | "fal" | "veo" if no_upstream => Some(format!(
+            "models.{id}.upstream_model in the configuration file ({}__UPSTREAM_MODEL)",
+            model_key()
+        )),
+        "minimax" | "openai" | "replicate" | "fal" | "veo" => None,
+        other => Some(format!(
+            "a supported provider (not {other:?}) in {}__PROVIDER",
+            model_key()
+        )),
     }
 }
 
 /// The configured models, by id.
 #[derive(Debug, Clone, Default)]
-pub struct ModelCatalog(BTreeMap<String, ModelEntry>);
+pub(crate) struct ModelCatalog(BTreeMap<String, ModelEntry>);
 
 impl ModelCatalog {
-    pub fn from_settings(settings: &Settings) -> Self {
-        let p = &settings.providers;
+    pub(crate) fn from_settings(settings: &Settings) -> Self {
         let entries = settings
             .models
             .iter()
             .map(|(id, m)| {
-                let missing_setting = match m.provider.as_str() {
-                    "local" => None,
-                    "minimax" if p.minimax.api_key.is_none() => {
-                        Some("CONDUIT__PROVIDERS__MINIMAX__API_KEY".to_owned())
-                    }
-                    "openai" if p.openai.api_key.is_none() => {
-                        Some("CONDUIT__PROVIDERS__OPENAI__API_KEY".to_owned())
-                    }
-                    "replicate" if p.replicate.api_key.is_none() => {
-                        Some("CONDUIT__PROVIDERS__REPLICATE__API_TOKEN".to_owned())
-                    }
-                    "minimax" | "openai" | "replicate" => None,
-                    other => Some(format!(
-                        "a supported provider (not {other:?}) in CONDUIT__MODELS__{}__PROVIDER",
-                        id.to_uppercase().replace('-', "_")
-                    )),
-                };
+                let missing_setting = missing_setting(id, m, settings);
                 let entry = ModelEntry {
                     id: id.clone(),
                     provider: m.provider.clone(),
@@ -110,20 +143,20 @@ impl ModelCatalog {
         Self(entries)
     }
 
-    pub fn get(&self, id: &str) -> Option<&ModelEntry> {
+    pub(crate) fn get(&self, id: &str) -> Option<&ModelEntry> {
         self.0.get(id)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &ModelEntry> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &ModelEntry> {
         self.0.values()
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Prompt(String);
+pub(crate) struct Prompt(String);
 
 impl Prompt {
-    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, FieldError> {
         let chars = raw.chars().count();
         if raw.trim().is_empty() {
             return Err(FieldError::invalid("prompt", "prompt must not be empty"));
@@ -144,19 +177,19 @@ impl Prompt {
         Ok(Self(raw.to_owned()))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameSize {
-    pub width: u32,
-    pub height: u32,
+pub(crate) struct FrameSize {
+    pub(crate) width: u32,
+    pub(crate) height: u32,
 }
 
 impl FrameSize {
-    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, FieldError> {
         let bad = || {
             FieldError::invalid(
                 "size",
@@ -187,13 +220,100 @@ impl std::fmt::Display for FrameSize {
     }
 }
 
+/// The first frame of an image-to-video request: an absolute http(s) URL (its host is
+/// checked separately, [`guard_target`]), or a `data:image/png|jpeg;base64,` URI of at
+/// most [`MAX_IMAGE_BYTES`] decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageUrl {
+    Remote(Url),
+    Data(String),
+}
+
+impl ImageUrl {
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let invalid = |why: String| FieldError::invalid("image_url", format!("image_url {why}"));
+        if raw
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
+        {
+            let (meta, data) = raw[5..]
+                .split_once(',')
+                .ok_or_else(|| invalid("is a data URI without a ',' before its data".into()))?;
+            let meta = meta.to_ascii_lowercase();
+            if meta != "image/png;base64" && meta != "image/jpeg;base64" {
+                return Err(invalid(
+                    "must be a data:image/png;base64, or data:image/jpeg;base64, URI (or an http/https URL)"
+                        .into(),
+                ));
+            }
+            if raw.len() > MAX_IMAGE_DATA_URI_CHARS {
+                return Err(invalid(format!(
+                    "holds more than {} MiB",
+                    MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map_err(|e| invalid(format!("is not valid base64 ({e})")))?;
+            if bytes.is_empty() {
+                return Err(invalid("holds no image".into()));
+            }
+            if bytes.len() > MAX_IMAGE_BYTES {
+                return Err(invalid(format!(
+                    "holds more than {} MiB",
+                    MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            let png = bytes.starts_with(b"\x89PNG\r\n\x1a\n");
+            let jpeg = bytes.starts_with(&[0xff, 0xd8, 0xff]);
+            if !(png && meta.starts_with("image/png") || jpeg && meta.starts_with("image/jpeg")) {
+                return Err(invalid(format!(
+                    "does not hold the {} image it declares",
+                    if meta.starts_with("image/png") {
+                        "PNG"
+                    } else {
+                        "JPEG"
+                    }
+                )));
+            }
+            return Ok(Self::Data(raw.to_owned()));
+        }
+        if raw.chars().count() > MAX_URL_CHARS {
+            return Err(invalid(format!(
+                "must be at most {MAX_URL_CHARS} characters (or a data: URI)"
+            )));
+        }
+        let url = Url::parse(raw).map_err(|e| invalid(format!("is not an absolute URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(
+                "must use http or https (or be a data:image/... URI)".into(),
+            ));
+        }
+        if url.host().is_none() {
+            return Err(invalid("must name a host".into()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid("must not carry user-info (user:password@)".into()));
+        }
+        Ok(Self::Remote(url))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Remote(url) => url.as_str(),
+            Self::Data(raw) => raw,
+        }
+    }
+}
+
 /// An absolute http(s) URL without user-info; its host is checked separately
 /// ([`guard_webhook_target`]) because that may need DNS.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookUrl(Url);
+pub(crate) struct WebhookUrl(Url);
 
 impl WebhookUrl {
-    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, FieldError> {
         let invalid = |why: &str| FieldError::invalid("webhook_url", format!("webhook_url {why}"));
         if raw.chars().count() > MAX_URL_CHARS {
             return Err(invalid(&format!(
@@ -213,17 +333,17 @@ impl WebhookUrl {
         Ok(Self(url))
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         self.0.as_str()
     }
 
-    pub fn url(&self) -> &Url {
+    pub(crate) fn url(&self) -> &Url {
         &self.0
     }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WebhookHeaders(BTreeMap<String, String>);
+pub(crate) struct WebhookHeaders(BTreeMap<String, String>);
 
 fn is_token(name: &str) -> bool {
     !name.is_empty()
@@ -233,7 +353,7 @@ fn is_token(name: &str) -> bool {
 }
 
 impl WebhookHeaders {
-    pub fn parse(value: &Value) -> Result<Self, FieldError> {
+    pub(crate) fn parse(value: &Value) -> Result<Self, FieldError> {
         let invalid = |why: String| FieldError::invalid("webhook_headers", why);
         let obj = value.as_object().ok_or_else(|| {
             invalid("webhook_headers must be an object of string to string".into())
@@ -280,72 +400,42 @@ impl WebhookHeaders {
         Ok(Self(headers))
     }
 
-    pub fn as_map(&self) -> &BTreeMap<String, String> {
+    pub(crate) fn as_map(&self) -> &BTreeMap<String, String> {
         &self.0
     }
-
-    pub fn from_map(map: BTreeMap<String, String>) -> Self {
-        Self(map)
-    }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WebhookEvents(BTreeSet<WebhookEvent>);
-
-impl Default for WebhookEvents {
-    fn default() -> Self {
-        Self(WebhookEvent::ALL.into_iter().collect())
-    }
-}
-
-impl WebhookEvents {
-    pub fn parse(value: &Value) -> Result<Self, FieldError> {
-        let invalid = |why: String| FieldError::invalid("webhook_events", why);
-        let items = value.as_array().ok_or_else(|| {
-            invalid("webhook_events must be an array of \"progress\", \"completed\", \"failed\", \"cancelled\"".into())
-        })?;
-        let mut set = BTreeSet::new();
-        for item in items {
-            let event = item.as_str().and_then(WebhookEvent::parse).ok_or_else(|| {
+/// Parses `webhook_events`: an array of event names.
+fn parse_webhook_events(value: &Value) -> Result<WebhookEvents, FieldError> {
+    let invalid = |why: String| FieldError::invalid("webhook_events", why);
+    let items = value.as_array().ok_or_else(|| {
+        invalid("webhook_events must be an array of \"progress\", \"completed\", \"failed\", \"cancelled\"".into())
+    })?;
+    items
+        .iter()
+        .map(|item| {
+            item.as_str().and_then(WebhookEvent::parse).ok_or_else(|| {
                 invalid(format!(
                     "webhook_events holds {item}; allowed are \"progress\", \"completed\", \"failed\", \"cancelled\""
                 ))
-            })?;
-            set.insert(event);
-        }
-        Ok(Self(set))
-    }
-
-    pub fn contains(&self, event: WebhookEvent) -> bool {
-        self.0.contains(&event)
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.0.iter().map(|e| e.as_str().to_owned()).collect()
-    }
-
-    pub fn from_names(names: &[String]) -> Self {
-        Self(
-            names
-                .iter()
-                .filter_map(|n| WebhookEvent::parse(n))
-                .collect(),
-        )
-    }
+            })
+        })
+        .collect()
 }
 
 /// A submit request that passed every rule.
 #[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    pub model: ModelEntry,
-    pub prompt: Prompt,
-    pub duration: u32,
-    pub size: FrameSize,
-    pub fps: u32,
-    pub seed: Option<i64>,
-    pub webhook_url: Option<WebhookUrl>,
-    pub webhook_headers: WebhookHeaders,
-    pub webhook_events: WebhookEvents,
+pub(crate) struct GenerationRequest {
+    pub(crate) model: ModelEntry,
+    pub(crate) prompt: Prompt,
+    pub(crate) duration: u32,
+    pub(crate) size: FrameSize,
+    pub(crate) fps: u32,
+    pub(crate) seed: Option<i64>,
+    pub(crate) webhook_url: Option<WebhookUrl>,
+    pub(crate) webhook_headers: WebhookHeaders,
+    pub(crate) webhook_events: WebhookEvents,
+    pub(crate) image_url: Option<ImageUrl>,
 }
 
 fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -376,7 +466,7 @@ fn int_in(
 }
 
 impl GenerationRequest {
-    pub fn parse(body: &Value, models: &ModelCatalog) -> Result<Self, FieldError> {
+    pub(crate) fn parse(body: &Value, models: &ModelCatalog) -> Result<Self, FieldError> {
         let obj = body
             .as_object()
             .ok_or_else(|| FieldError::invalid("body", "The request body must be a JSON object"))?;
@@ -440,9 +530,32 @@ impl GenerationRequest {
             .transpose()?
             .unwrap_or_default();
         let webhook_events = present(obj, "webhook_events")
-            .map(WebhookEvents::parse)
+            .map(parse_webhook_events)
             .transpose()?
             .unwrap_or_default();
+        let image_url = match present(obj, "image_url") {
+            None => None,
+            Some(v) => {
+                let image = ImageUrl::parse(v.as_str().ok_or_else(|| {
+                    FieldError::invalid("image_url", "image_url must be a string")
+                })?)?;
+                if !model.image_input() {
+                    let takers: Vec<&str> = models
+                        .iter()
+                        .filter(|m| m.image_input())
+                        .map(|m| m.id.as_str())
+                        .collect();
+                    return Err(FieldError::invalid(
+                        "image_url",
+                        format!(
+                            "model {model_id} cannot take an image_url; models that can: {}",
+                            takers.join(", ")
+                        ),
+                    ));
+                }
+                Some(image)
+            }
+        };
         Ok(Self {
             model: model.clone(),
             prompt,
@@ -453,11 +566,12 @@ impl GenerationRequest {
             webhook_url,
             webhook_headers,
             webhook_events,
+            image_url,
         })
     }
 
     /// A stable digest of what was asked for (defaults filled in), for Idempotency-Key.
-    pub fn fingerprint(&self) -> [u8; 32] {
+    pub(crate) fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         let canonical = serde_json::json!({
             "model": self.model.id,
@@ -470,27 +584,100 @@ impl GenerationRequest {
             "webhook_headers": self.webhook_headers.as_map(),
             "webhook_events": self.webhook_events.names(),
         });
+        let mut canonical = canonical;
+        // Only when present, so the digests of requests without one stay what they were.
+        if let Some(image) = &self.image_url {
+            canonical["image_url"] = serde_json::Value::String(image.as_str().to_owned());
+        }
         Sha256::digest(canonical.to_string().as_bytes()).into()
+    }
+}
+
+impl GenerationRequest {
+    /// The new task this request asks for, owned by `key_id`: a fresh id, attempt 1,
+    /// pending, with its job.
+    pub(crate) fn to_new_task(
+        &self,
+        key_id: uuid::Uuid,
+        idempotency_key: Option<&str>,
+    ) -> anyhow::Result<NewTask> {
+        let now = conduit_core::time::now_millis();
+        let task = TaskRow {
+            id: uuid::Uuid::now_v7(),
+            api_key_id: key_id,
+            attempt: 1,
+            status: TaskStatus::Pending,
+            progress: 0,
+            message: None,
+            eta_seconds: None,
+            model: self.model.id.clone(),
+            provider: self.model.provider.clone(),
+            upstream_model: self.model.upstream_model.clone(),
+            prompt: self.prompt.as_str().to_owned(),
+            duration: i32::try_from(self.duration).unwrap_or(i32::MAX),
+            width: i32::try_from(self.size.width).unwrap_or(i32::MAX),
+            height: i32::try_from(self.size.height).unwrap_or(i32::MAX),
+            fps: i32::try_from(self.fps).unwrap_or(i32::MAX),
+            seed: self.seed,
+            webhook_url: self.webhook_url.as_ref().map(|u| u.as_str().to_owned()),
+            webhook_headers: self.webhook_headers.as_map().clone(),
+            webhook_events: self.webhook_events.clone(),
+            video_key: None,
+            generation_duration_seconds: None,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+            last_seq: -1,
+            image_url: self.image_url.as_ref().map(|i| i.as_str().to_owned()),
+        };
+        let claim = idempotency_key.map(|key| IdempotencyClaim {
+            key: key.to_owned(),
+            fingerprint: self.fingerprint(),
+        });
+        NewTask::new(task, claim)
     }
 }
 
 /// Refuses webhook targets on internal addresses: a literal address, or a name that
 /// resolves to one. A name that does not resolve (yet) is accepted; the sender checks
 /// the address it dials anyway.
-pub async fn guard_webhook_target(url: &WebhookUrl, allow_private: bool) -> Result<(), FieldError> {
+pub(crate) async fn guard_webhook_target(
+    url: &WebhookUrl,
+    allow_private: bool,
+) -> Result<(), FieldError> {
+    guard_target(url.url(), "webhook_url", allow_private).await
+}
+
+/// The same check for an `image_url` that is a URL (a data URI goes nowhere); the
+/// generator checks the address it dials too.
+pub(crate) async fn guard_image_target(
+    image: &ImageUrl,
+    allow_private: bool,
+) -> Result<(), FieldError> {
+    match image {
+        ImageUrl::Remote(url) => guard_target(url, "image_url", allow_private).await,
+        ImageUrl::Data(_) => Ok(()),
+    }
+}
+
+/// Refuses a `url` (the request field `param`) on an internal address.
+pub(crate) async fn guard_target(
+    url: &Url,
+    param: &str,
+    allow_private: bool,
+) -> Result<(), FieldError> {
     if allow_private {
         return Ok(());
     }
     let refused = |ip: IpAddr| {
         FieldError::invalid(
-            "webhook_url",
-            format!(
-                "webhook_url points at {ip}, a private, loopback or otherwise internal address"
-            ),
+            param,
+            format!("{param} points at {ip}, a private, loopback or otherwise internal address"),
         )
     };
-    let port = url.url().port_or_known_default().unwrap_or(443);
-    match url.url().host() {
+    let port = url.port_or_known_default().unwrap_or(443);
+    match url.host() {
         Some(Host::Ipv4(ip)) if is_forbidden_ip(IpAddr::V4(ip)) => Err(refused(IpAddr::V4(ip))),
         Some(Host::Ipv6(ip)) if is_forbidden_ip(IpAddr::V6(ip)) => Err(refused(IpAddr::V6(ip))),
         Some(Host::Domain(name)) => {
@@ -759,6 +946,101 @@ mod tests {
         let c = GenerationRequest::parse(&with("duration", json!(7)), &catalog()).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+    #[test]
+    fn image_urls() {
+        let png = format!("data:image/png;base64,{PNG_1X1}");
+        let r = GenerationRequest::parse(&with("image_url", json!(png)), &catalog()).unwrap();
+        assert!(matches!(r.image_url, Some(ImageUrl::Data(_))));
+        let r = GenerationRequest::parse(
+            &with("image_url", json!("https://images.example/cat.jpg")),
+            &catalog(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.image_url.as_ref().map(ImageUrl::as_str),
+            Some("https://images.example/cat.jpg")
+        );
+        assert_ne!(
+            r.fingerprint(),
+            GenerationRequest::parse(&base(), &catalog())
+                .unwrap()
+                .fingerprint()
+        );
+        for bad in [
+            json!(5),
+            json!("ftp://x.example/a.png"),
+            json!("https://user:pw@x.example/a.png"),
+            json!(format!("data:image/gif;base64,{PNG_1X1}")),
+            json!(format!("data:image/jpeg;base64,{PNG_1X1}")),
+            json!("data:image/png;base64,not base64!"),
+            json!("data:image/png;base64,"),
+            json!(format!(
+                "data:image/png;base64,{}",
+                "A".repeat(MAX_IMAGE_DATA_URI_CHARS)
+            )),
+        ] {
+            let e = refused(with("image_url", bad.clone()));
+            assert_eq!(
+                (e.code, e.param.as_str()),
+                (FieldCode::InvalidValue, "image_url"),
+                "{bad}"
+            );
+        }
+        // A model that cannot take an image refuses one, naming those that can.
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.minimax.api_key = Some(conduit_core::Secret::new("k"));
+        if let Some(m) = s.models.get_mut("minimax-video") {
+            m.image_input = false;
+        }
+        let cat = ModelCatalog::from_settings(&s);
+        let b = json!({"model": "minimax-video", "prompt": "p", "image_url": png});
+        let e = GenerationRequest::parse(&b, &cat).unwrap_err();
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::InvalidValue, "image_url")
+        );
+        assert!(e.message.contains("local-video"), "{}", e.message);
+    }
+
+    #[test]
+    fn models_without_a_default_say_what_to_set() {
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.openai.api_key = Some(conduit_core::Secret::new("k"));
+        s.providers.fal.api_key = Some(conduit_core::Secret::new("k"));
+        let cat = ModelCatalog::from_settings(&s);
+        assert_eq!(
+            cat.get("openai-video")
+                .and_then(|m| m.missing_setting.clone())
+                .as_deref(),
+            Some("CONDUIT__PROVIDERS__OPENAI__BASE_URL")
+        );
+        s.providers.openai.base_url = "http://127.0.0.1:9".into();
+        let cat = ModelCatalog::from_settings(&s);
+        assert_eq!(
+            cat.get("openai-video")
+                .and_then(|m| m.missing_setting.clone())
+                .as_deref(),
+            Some(
+                "models.openai-video.upstream_model in the configuration file \
+                 (CONDUIT__MODELS__OPENAI-VIDEO__UPSTREAM_MODEL)"
+            )
+        );
+        assert!(cat.get("fal-video").is_some_and(ModelEntry::available));
+        assert!(cat.get("veo-video").is_some_and(|m| !m.available()));
+    }
+
+    #[tokio::test]
+    async fn image_targets_are_guarded_like_webhooks() {
+        let u = ImageUrl::parse("http://127.0.0.1:9/a.png").unwrap();
+        let e = guard_image_target(&u, false).await.unwrap_err();
+        assert_eq!(e.param, "image_url");
+        assert!(guard_image_target(&u, true).await.is_ok());
+        let d = ImageUrl::parse(&format!("data:image/png;base64,{PNG_1X1}")).unwrap();
+        assert!(guard_image_target(&d, false).await.is_ok());
     }
 
     #[tokio::test]

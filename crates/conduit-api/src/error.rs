@@ -12,9 +12,11 @@ use actix_web::{
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::{db::is_unavailable, ledger::LedgerError};
+
 /// The `code` of a 400 answer about one request field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FieldCode {
+pub(crate) enum FieldCode {
     MissingParameter,
     InvalidValue,
     UnknownParameter,
@@ -22,7 +24,7 @@ pub enum FieldCode {
 }
 
 impl FieldCode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FieldCode::MissingParameter => "missing_parameter",
             FieldCode::InvalidValue => "invalid_value",
@@ -34,14 +36,14 @@ impl FieldCode {
 
 /// Why one field of a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub param: String,
-    pub code: FieldCode,
-    pub message: String,
+pub(crate) struct FieldError {
+    pub(crate) param: String,
+    pub(crate) code: FieldCode,
+    pub(crate) message: String,
 }
 
 impl FieldError {
-    pub fn missing(param: &str) -> Self {
+    pub(crate) fn missing(param: &str) -> Self {
         Self {
             param: param.to_owned(),
             code: FieldCode::MissingParameter,
@@ -49,7 +51,7 @@ impl FieldError {
         }
     }
 
-    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(param: &str, message: impl Into<String>) -> Self {
         Self {
             param: param.to_owned(),
             code: FieldCode::InvalidValue,
@@ -57,7 +59,7 @@ impl FieldError {
         }
     }
 
-    pub fn unknown(param: &str) -> Self {
+    pub(crate) fn unknown(param: &str) -> Self {
         Self {
             param: param.to_owned(),
             code: FieldCode::UnknownParameter,
@@ -65,7 +67,7 @@ impl FieldError {
         }
     }
 
-    pub fn unsupported_model(message: impl Into<String>) -> Self {
+    pub(crate) fn unsupported_model(message: impl Into<String>) -> Self {
         Self {
             param: "model".to_owned(),
             code: FieldCode::UnsupportedModel,
@@ -75,7 +77,7 @@ impl FieldError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("{}", .0.message)]
     Field(FieldError),
     #[error("{0}")]
@@ -136,59 +138,52 @@ impl From<deadpool_postgres::PoolError> for ApiError {
     }
 }
 
-/// True when an error chain says the database cannot be reached right now.
-pub fn is_unavailable(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        if cause
-            .downcast_ref::<deadpool_postgres::PoolError>()
-            .is_some()
-        {
-            return true;
+impl From<LedgerError> for ApiError {
+    /// The one place where the ledger's refusals become what a client reads.
+    fn from(err: LedgerError) -> Self {
+        match err {
+            LedgerError::NotFound => ApiError::not_found_task(),
+            LedgerError::AlreadyTerminal(status) => ApiError::InvalidOperation(format!(
+                "The task is already {} and cannot be cancelled",
+                status.as_str()
+            )),
+            LedgerError::NotRetryable(status) => ApiError::InvalidOperation(format!(
+                "Only failed or cancelled tasks can be retried; this one is {}",
+                status.as_str()
+            )),
+            LedgerError::NoTerminalWebhook => {
+                ApiError::InvalidOperation("The task has no terminal webhook to redeliver".into())
+            }
+            LedgerError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            LedgerError::UnknownCursor => ApiError::Field(FieldError::invalid(
+                "after",
+                "after must be the id of one of your tasks",
+            )),
+            LedgerError::Unavailable(err) => ApiError::Unavailable(err),
+            LedgerError::Internal(err) => ApiError::Unexpected(err),
         }
-        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
-            return pg_is_unavailable(pg);
-        }
-        cause.downcast_ref::<std::io::Error>().is_some()
-    })
-}
-
-fn pg_is_unavailable(err: &tokio_postgres::Error) -> bool {
-    if err.is_closed() {
-        return true;
-    }
-    match err.as_db_error() {
-        // Connection exceptions, shutdowns, too many connections, read-only failover.
-        Some(db) => {
-            let code = db.code().code();
-            code.starts_with("08")
-                || code.starts_with("57P")
-                || code.starts_with("53")
-                || code == "25006"
-        }
-        None => std::error::Error::source(err)
-            .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()),
     }
 }
 
 /// The OpenAI error body.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
+pub(crate) struct ErrorBody {
+    pub(crate) error: ErrorDetail,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    pub message: String,
+pub(crate) struct ErrorDetail {
+    pub(crate) message: String,
     /// `invalid_request_error`, `authentication_error` or `server_error`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub(crate) kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub param: Option<String>,
-    pub code: String,
+    pub(crate) param: Option<String>,
+    pub(crate) code: String,
 }
 
 impl ApiError {
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ApiError::Field(f) => f.code.as_str(),
             ApiError::InvalidJson(_) => "invalid_json",
@@ -207,18 +202,18 @@ impl ApiError {
         }
     }
 
-    pub fn param(&self) -> Option<&str> {
+    pub(crate) fn param(&self) -> Option<&str> {
         match self {
             ApiError::Field(f) => Some(&f.param),
             _ => None,
         }
     }
 
-    pub fn not_found_task() -> Self {
+    pub(crate) fn not_found_task() -> Self {
         ApiError::NotFound("No task found with that id".into())
     }
 
-    pub fn body(&self) -> ErrorBody {
+    pub(crate) fn body(&self) -> ErrorBody {
         error_body(
             self.status_code(),
             self.to_string(),
@@ -228,7 +223,7 @@ impl ApiError {
     }
 }
 
-pub fn error_body(
+pub(crate) fn error_body(
     status: StatusCode,
     message: String,
     param: Option<&str>,
@@ -320,7 +315,7 @@ fn code_for_status(status: StatusCode) -> &'static str {
 
 /// Middleware hook: any error response that is not already JSON (actix's plain-text
 /// errors) is rewritten to the JSON error shape, so no client ever sees another body.
-pub fn json_error_safety_net<B: MessageBody + 'static>(
+pub(crate) fn json_error_safety_net<B: MessageBody + 'static>(
     res: ServiceResponse<B>,
 ) -> actix_web::Result<ErrorHandlerResponse<B>> {
     let is_json = res

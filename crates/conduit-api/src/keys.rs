@@ -2,6 +2,12 @@
 //! SHA-256 of a key is stored, with a short prefix for people to recognise it; each key
 //! also owns the `whsec_` secret its webhooks are signed with.
 
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
 use anyhow::Context;
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -11,10 +17,86 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-pub const KEY_PREFIX: &str = "condt_";
+pub(crate) const KEY_PREFIX: &str = "condt_";
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// 43 base62 characters carry just over 256 bits.
 const KEY_CHARS: usize = 43;
+
+/// How long a resolved key is trusted without asking the database again.
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(5);
+/// Bound on remembered keys, so random garbage cannot grow the cache without limit.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// An active key, as a request's caller.
+#[derive(Debug, Clone)]
+pub(crate) struct ActiveKey {
+    pub(crate) id: Uuid,
+    pub(crate) webhook_secret: String,
+}
+
+/// Resolved keys by hash, each trusted for [`CACHE_TTL`]: the database stays out of the
+/// hot path while a revoked key still stops working within that time.
+#[derive(Default)]
+pub(crate) struct KeyCache {
+    entries: Mutex<HashMap<[u8; 32], (Instant, ActiveKey)>>,
+}
+
+impl KeyCache {
+    fn get(&self, hash: &[u8; 32]) -> Option<ActiveKey> {
+        let entries = self.entries.lock().ok()?;
+        entries
+            .get(hash)
+            .filter(|(at, _)| at.elapsed() < CACHE_TTL)
+            .map(|(_, c)| c.clone())
+    }
+
+    fn put(&self, hash: [u8; 32], key: ActiveKey) {
+        if let Ok(mut entries) = self.entries.lock() {
+            if entries.len() >= CACHE_CAPACITY {
+                entries.retain(|_, (at, _)| at.elapsed() < CACHE_TTL);
+                if entries.len() >= CACHE_CAPACITY {
+                    entries.clear();
+                }
+            }
+            entries.insert(hash, (Instant::now(), key));
+        }
+    }
+
+    /// The active key `key`, or `None` for an unknown, revoked or malformed one.
+    pub(crate) async fn resolve(
+        &self,
+        pool: &Pool,
+        key: &str,
+    ) -> anyhow::Result<Option<ActiveKey>> {
+        if !looks_like_key(key) {
+            return Ok(None);
+        }
+        let hash = hash_key(key);
+        if let Some(found) = self.get(&hash) {
+            return Ok(Some(found));
+        }
+        let client = pool.get().await.context("taking a database connection")?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id, webhook_secret FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+            )
+            .await
+            .context("preparing key look-up")?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&hash.as_slice()])
+            .await
+            .context("looking up the API key")?
+        else {
+            return Ok(None);
+        };
+        let found = ActiveKey {
+            id: row.get(0),
+            webhook_secret: row.get(1),
+        };
+        self.put(hash, found.clone());
+        Ok(Some(found))
+    }
+}
 
 /// A freshly generated key, shown once.
 #[derive(Debug, Clone, Serialize)]
@@ -35,7 +117,7 @@ pub struct KeySummary {
     pub revoked_at: Option<DateTime<Utc>>,
 }
 
-pub fn generate_key() -> String {
+pub(crate) fn generate_key() -> String {
     let mut rng = rand::rng();
     let body: String = (0..KEY_CHARS)
         .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
@@ -44,7 +126,7 @@ pub fn generate_key() -> String {
 }
 
 /// `whsec_` + base64 of 32 random bytes, the Standard Webhooks secret format.
-pub fn generate_webhook_secret() -> String {
+pub(crate) fn generate_webhook_secret() -> String {
     let bytes: [u8; 32] = rand::random();
     format!(
         "whsec_{}",
@@ -52,12 +134,12 @@ pub fn generate_webhook_secret() -> String {
     )
 }
 
-pub fn hash_key(key: &str) -> [u8; 32] {
+pub(crate) fn hash_key(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
 /// True when `raw` is shaped like a key at all, so garbage never reaches the database.
-pub fn looks_like_key(raw: &str) -> bool {
+pub(crate) fn looks_like_key(raw: &str) -> bool {
     raw.strip_prefix(KEY_PREFIX).is_some_and(|body| {
         !body.is_empty()
             && body.len() <= 128

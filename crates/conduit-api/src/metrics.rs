@@ -5,22 +5,22 @@ use prometheus::{
 };
 
 #[derive(Clone)]
-pub struct Metrics {
-    pub registry: Registry,
-    pub http_requests: IntCounterVec,
-    pub http_duration: HistogramVec,
-    pub tasks_submitted: IntCounterVec,
-    pub submit_batch_size: Histogram,
-    pub outbox_depth: IntGauge,
-    pub outbox_oldest_age_seconds: IntGauge,
-    pub outbox_published: IntCounter,
-    pub outbox_publish_failures: IntCounter,
-    pub ledger_events: IntCounterVec,
-    pub webhook_outcomes: IntCounterVec,
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    pub(crate) http_requests: IntCounterVec,
+    pub(crate) http_duration: HistogramVec,
+    pub(crate) tasks_submitted: IntCounterVec,
+    pub(crate) submit_batch_size: Histogram,
+    pub(crate) outbox_depth: IntGauge,
+    pub(crate) outbox_oldest_age_seconds: IntGauge,
+    pub(crate) outbox_published: IntCounter,
+    pub(crate) outbox_publish_failures: IntCounter,
+    pub(crate) ledger_events: IntCounterVec,
+    pub(crate) webhook_outcomes: IntCounterVec,
 }
 
 impl Metrics {
-    pub fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let registry = Registry::new();
         let http_requests = IntCounterVec::new(
             Opts::new(

@@ -7,7 +7,7 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::{error, routes, videos, webhooks};
+use crate::{error, routes, videos};
 
 struct Security;
 
@@ -82,10 +82,10 @@ fn openapi_json() {}
         routes::SecretView,
         routes::ModelView,
         routes::ModelList,
-        webhooks::WebhookLog,
-        webhooks::WebhookLogEntry,
-        webhooks::AttemptView,
-        webhooks::Redelivery,
+        routes::WebhookLog,
+        routes::WebhookLogEntry,
+        routes::AttemptView,
+        routes::Redelivery,
         error::ErrorBody,
         error::ErrorDetail,
     )),
@@ -98,7 +98,7 @@ fn openapi_json() {}
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 /// The document as JSON text.
 pub fn document() -> String {
@@ -107,7 +107,7 @@ pub fn document() -> String {
         .unwrap_or_else(|_| "{}".into())
 }
 
-pub async fn serve() -> HttpResponse {
+pub(crate) async fn serve() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(document())

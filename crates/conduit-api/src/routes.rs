@@ -17,15 +17,17 @@ use uuid::Uuid;
 
 use crate::{
     auth::Caller,
-    domain::{guard_webhook_target, GenerationRequest},
+    domain::{guard_image_target, guard_webhook_target, GenerationRequest},
     error::{ApiError, ErrorBody, FieldError},
+    ledger::{DeliveryRecord, Submitted, TaskPage, TaskRow, TaskStatus},
     state::AppState,
-    tasks::{self, NewSubmit, Submitted, TaskRow, TaskStatus},
-    webhooks::{self, Redelivery, WebhookLog},
 };
 
-/// Largest accepted submit body.
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest accepted submit body, not counting a `data:` `image_url`.
+pub(crate) const MAX_BODY: usize = 64 * 1024;
+/// Largest submit body read at all: [`MAX_BODY`] plus a `data:` `image_url` of 10 MiB
+/// decoded. What is not the image must still fit in [`MAX_BODY`].
+pub(crate) const MAX_SUBMIT_BODY: usize = MAX_BODY + crate::domain::MAX_IMAGE_DATA_URI_CHARS;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The submit body, for the OpenAPI description (the handler parses a
@@ -34,7 +36,7 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 #[derive(ToSchema, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 #[schema(example = json!({"model": "local-video", "prompt": "A serene mountain landscape with clouds", "duration": 6, "size": "1280x720", "webhook_url": "https://your-app.com/webhooks/video-complete", "webhook_headers": {"Authorization": "Bearer your-webhook-secret"}}))]
-pub struct GenerationBody {
+pub(crate) struct GenerationBody {
     /// One of `GET /v1/models`.
     model: String,
     /// 1 to 4000 characters.
@@ -56,89 +58,169 @@ pub struct GenerationBody {
     webhook_headers: Option<HashMap<String, String>>,
     /// Subset of `progress`, `completed`, `failed`, `cancelled`; default all four.
     webhook_events: Option<Vec<String>>,
+    /// A first frame for image-to-video: an http(s) URL (not an internal address) or a
+    /// `data:image/png;base64,` / `data:image/jpeg;base64,` URI of at most 10 MiB decoded.
+    /// Only for models whose `image_input` is true (`GET /v1/models`); with a data URI the
+    /// body may exceed 64 KiB by the URI's length.
+    image_url: Option<String>,
 }
 
 /// Answer to a submit or a retry.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SubmitResponse {
-    pub task_id: Uuid,
-    pub status: String,
-    pub created_at: String,
-    pub estimated_completion_time: String,
-    pub check_status_url: String,
+pub(crate) struct SubmitResponse {
+    pub(crate) task_id: Uuid,
+    pub(crate) status: String,
+    pub(crate) created_at: String,
+    pub(crate) estimated_completion_time: String,
+    pub(crate) check_status_url: String,
 }
 
 /// A task as `GET /v1/videos/generations/tasks/{task_id}` shows it. Keys without a value
 /// are left out.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskView {
-    pub task_id: Uuid,
+pub(crate) struct TaskView {
+    pub(crate) task_id: Uuid,
     /// `pending`, `processing`, `completed`, `failed` or `cancelled`.
-    pub status: String,
+    pub(crate) status: String,
     #[schema(minimum = 0, maximum = 100)]
-    pub progress: i16,
+    pub(crate) progress: i16,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
+    pub(crate) message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub estimated_seconds_remaining: Option<i64>,
-    pub model: String,
-    pub prompt: String,
-    pub duration: i32,
-    pub size: String,
-    pub fps: i32,
+    pub(crate) estimated_seconds_remaining: Option<i64>,
+    pub(crate) model: String,
+    pub(crate) prompt: String,
+    pub(crate) duration: i32,
+    pub(crate) size: String,
+    pub(crate) fps: i32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub seed: Option<i64>,
-    pub created_at: String,
-    pub updated_at: String,
+    pub(crate) seed: Option<i64>,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub completed_at: Option<String>,
+    pub(crate) completed_at: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub video_url: Option<String>,
+    pub(crate) video_url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub generation_duration_seconds: Option<f64>,
+    pub(crate) generation_duration_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct TaskList {
-    pub data: Vec<TaskView>,
-    pub has_more: bool,
+pub(crate) struct TaskList {
+    pub(crate) data: Vec<TaskView>,
+    pub(crate) has_more: bool,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct SecretView {
+pub(crate) struct SecretView {
     /// `whsec_` + base64: the key that signs this API key's webhooks.
-    pub secret: String,
+    pub(crate) secret: String,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ModelView {
-    pub id: String,
-    pub object: String,
-    pub provider: String,
+pub(crate) struct ModelView {
+    pub(crate) id: String,
+    pub(crate) object: String,
+    pub(crate) provider: String,
     /// False while the provider has no credentials configured.
-    pub available: bool,
+    pub(crate) available: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_duration: Option<u32>,
+    pub(crate) max_duration: Option<u32>,
     /// The only durations, in seconds, the model makes, when it is that strict.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub durations: Option<Vec<u32>>,
+    pub(crate) durations: Option<Vec<u32>>,
     /// The only sizes the model makes (`WIDTHxHEIGHT`), when it is that strict.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sizes: Option<Vec<String>>,
+    pub(crate) sizes: Option<Vec<String>>,
     /// The provider's resolution names a request's size maps to (`512P`, `768P`, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub resolutions: Option<Vec<String>>,
+    pub(crate) resolutions: Option<Vec<String>>,
     /// The setting that makes the model available, while it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub missing_setting: Option<String>,
+    pub(crate) missing_setting: Option<String>,
+    /// Whether the model takes an `image_url` (image-to-video).
+    pub(crate) image_input: bool,
+    /// Models tried in order when this one's provider is rate-limited or unreachable.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) fallback: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
-pub struct ModelList {
-    pub object: String,
-    pub data: Vec<ModelView>,
+pub(crate) struct ModelList {
+    pub(crate) object: String,
+    pub(crate) data: Vec<ModelView>,
+}
+
+/// One attempt in the delivery log.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct AttemptView {
+    pub(crate) attempt: i32,
+    /// RFC 3339, UTC, milliseconds.
+    pub(crate) attempted_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) status_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) error: Option<String>,
+    pub(crate) duration_ms: i64,
+}
+
+/// One event in the delivery log.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct WebhookLogEntry {
+    pub(crate) webhook_id: String,
+    /// `video_generation_completed` or `video_generation_progress`.
+    pub(crate) webhook_type: String,
+    /// `progress`, `completed`, `failed` or `cancelled`.
+    pub(crate) event: String,
+    /// `pending`, `delivered`, `failed` or `dropped`.
+    pub(crate) status: String,
+    /// When the next attempt is due, while pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) next_attempt_at: Option<String>,
+    /// When the event happened (the payload's `timestamp`).
+    pub(crate) occurred_at: String,
+    pub(crate) url: String,
+    pub(crate) attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct WebhookLog {
+    pub(crate) data: Vec<WebhookLogEntry>,
+}
+
+impl From<DeliveryRecord> for WebhookLogEntry {
+    fn from(d: DeliveryRecord) -> Self {
+        Self {
+            webhook_id: d.webhook_id,
+            webhook_type: d.event.webhook_type().to_owned(),
+            event: d.event.as_str().to_owned(),
+            status: d.status,
+            next_attempt_at: d.next_attempt_at.as_ref().map(fmt),
+            occurred_at: fmt(&d.occurred_at),
+            url: d.url,
+            attempts: d
+                .attempts
+                .into_iter()
+                .map(|a| AttemptView {
+                    attempt: a.attempt,
+                    attempted_at: fmt(&a.attempted_at),
+                    status_code: a.status_code,
+                    error: a.error,
+                    duration_ms: a.duration_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What a redelivery queued.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub(crate) struct Redelivery {
+    pub(crate) webhook_id: String,
+    pub(crate) event: String,
+    pub(crate) status: String,
 }
 
 fn fmt(at: &DateTime<Utc>) -> String {
@@ -168,13 +250,8 @@ fn accepted(task: &TaskRow) -> HttpResponse {
         .json(body)
 }
 
-pub async fn task_view(state: &AppState, task: TaskRow) -> Result<TaskView, ApiError> {
-    let video_url = match (&task.status, &task.video_key, task.completed_at) {
-        (TaskStatus::Completed, Some(key), Some(done)) => {
-            Some(state.links.url_for(task.id, key, done, Utc::now()).await?)
-        }
-        _ => None,
-    };
+async fn task_view(state: &AppState, task: TaskRow) -> Result<TaskView, ApiError> {
+    let video_url = state.ledger.video_url(&task).await?;
     let processing = task.status == TaskStatus::Processing;
     Ok(TaskView {
         task_id: task.id,
@@ -216,10 +293,11 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads the body up to [`MAX_BODY`], refusing more without buffering it.
+/// Reads the body up to `limit`, refusing more without buffering it.
 async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
+    limit: usize,
 ) -> Result<web::BytesMut, ApiError> {
     if !is_json_content_type(req.headers()) {
         return Err(ApiError::UnsupportedMediaType);
@@ -229,14 +307,14 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
+    if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(MAX_BODY));
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY));
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::InvalidJson(format!("Could not read the request body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY {
+        if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(MAX_BODY));
         }
         body.extend_from_slice(&chunk);
@@ -279,32 +357,42 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 409, description = "Idempotency-Key reused with another body", body = ErrorBody),
-        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (not counting a data: image_url)", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
 #[tracing::instrument(name = "submit", skip_all, fields(task_id))]
-pub async fn submit(
+pub(crate) async fn submit(
     caller: Caller,
     state: web::Data<AppState>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let idempotency = idempotency_key(&req)?;
-    let body = read_body(&req, payload).await?;
+    let body = read_body(&req, payload, MAX_SUBMIT_BODY).await?;
     let value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::InvalidJson(format!("The request body is not valid JSON: {e}")))?;
+    // Only a data: image_url may take the body past 64 KiB.
+    let image_len = value
+        .get("image_url")
+        .and_then(serde_json::Value::as_str)
+        .filter(|u| u.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")))
+        .map_or(0, str::len);
+    if body.len().saturating_sub(image_len) > MAX_BODY {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY));
+    }
     let request = GenerationRequest::parse(&value, &state.models)?;
     if let Some(url) = &request.webhook_url {
         guard_webhook_target(url, state.settings.webhooks.allow_private_targets).await?;
     }
-    let submit = NewSubmit::new(&caller, &request, idempotency.as_deref())?;
-    let outcome = state.submits.submit(submit).await?;
-    let task = match outcome {
+    if let Some(image) = &request.image_url {
+        guard_image_target(image, state.settings.webhooks.allow_private_targets).await?;
+    }
+    let new = request.to_new_task(caller.key_id, idempotency.as_deref())?;
+    let task = match state.ledger.submit(new).await? {
         Submitted::Created(task) => {
-            state.wake_relay();
             state
                 .metrics
                 .tasks_submitted
@@ -332,17 +420,17 @@ pub async fn submit(
     security(("bearer" = []), ("api_key" = []))
 )]
 #[tracing::instrument(name = "get_task", skip_all, fields(task_id = %path))]
-pub async fn get_task(
+pub(crate) async fn get_task(
     caller: Caller,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = task_id_of(&path)?;
-    let client = state.pool.get().await?;
-    let task = tasks::get(&client, caller.key_id, task_id)
+    let task = state
+        .ledger
+        .get(caller.key_id, task_id)
         .await?
         .ok_or_else(ApiError::not_found_task)?;
-    drop(client);
     Ok(HttpResponse::Ok().json(task_view(&state, task).await?))
 }
 
@@ -363,7 +451,7 @@ pub async fn get_task(
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub async fn list_tasks(
+pub(crate) async fn list_tasks(
     caller: Caller,
     state: web::Data<AppState>,
     query: web::Query<Vec<(String, String)>>,
@@ -401,9 +489,12 @@ pub async fn list_tasks(
             other => return Err(FieldError::unknown(other).into()),
         }
     }
-    let client = state.pool.get().await?;
-    let (rows, has_more) = tasks::list(&client, caller.key_id, status, limit, after).await?;
-    drop(client);
+    let page = TaskPage {
+        status,
+        limit,
+        after,
+    };
+    let (rows, has_more) = state.ledger.list(caller.key_id, &page).await?;
     let mut data = Vec::with_capacity(rows.len());
     for task in rows {
         data.push(task_view(&state, task).await?);
@@ -426,14 +517,13 @@ pub async fn list_tasks(
     security(("bearer" = []), ("api_key" = []))
 )]
 #[tracing::instrument(name = "cancel", skip_all, fields(task_id = %path))]
-pub async fn cancel(
+pub(crate) async fn cancel(
     caller: Caller,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = task_id_of(&path)?;
-    tasks::cancel(&state.pool, &caller, task_id).await?;
-    state.wake_relay();
+    state.ledger.cancel(caller.key_id, task_id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -452,14 +542,13 @@ pub async fn cancel(
     security(("bearer" = []), ("api_key" = []))
 )]
 #[tracing::instrument(name = "retry", skip_all, fields(task_id = %path))]
-pub async fn retry(
+pub(crate) async fn retry(
     caller: Caller,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = task_id_of(&path)?;
-    let task = tasks::retry(&state.pool, &caller, task_id).await?;
-    state.wake_relay();
+    let task = state.ledger.retry(caller.key_id, task_id).await?;
     Ok(accepted(&task))
 }
 
@@ -476,16 +565,16 @@ pub async fn retry(
     ),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub async fn webhook_log(
+pub(crate) async fn webhook_log(
     caller: Caller,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = task_id_of(&path)?;
-    let log = webhooks::delivery_log(&state.pool, &caller, task_id)
-        .await?
-        .ok_or_else(ApiError::not_found_task)?;
-    Ok(HttpResponse::Ok().json(log))
+    let log = state.ledger.delivery_log(caller.key_id, task_id).await?;
+    Ok(HttpResponse::Ok().json(WebhookLog {
+        data: log.into_iter().map(WebhookLogEntry::from).collect(),
+    }))
 }
 
 /// Send the task's latest terminal webhook again (same webhook-id, fresh schedule).
@@ -503,15 +592,18 @@ pub async fn webhook_log(
     security(("bearer" = []), ("api_key" = []))
 )]
 #[tracing::instrument(name = "redeliver", skip_all, fields(task_id = %path))]
-pub async fn redeliver(
+pub(crate) async fn redeliver(
     caller: Caller,
     state: web::Data<AppState>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let task_id = task_id_of(&path)?;
-    let redelivery = webhooks::redeliver(&state.pool, &caller, task_id).await?;
-    state.wake_relay();
-    Ok(HttpResponse::Accepted().json(redelivery))
+    let redelivered = state.ledger.redeliver(caller.key_id, task_id).await?;
+    Ok(HttpResponse::Accepted().json(Redelivery {
+        webhook_id: redelivered.webhook_id,
+        event: redelivered.event.as_str().to_owned(),
+        status: "pending".into(),
+    }))
 }
 
 /// The calling key's webhook signing secret.
@@ -522,7 +614,7 @@ pub async fn redeliver(
     responses((status = 200, body = SecretView), (status = 401, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub async fn webhook_secret(caller: Caller) -> HttpResponse {
+pub(crate) async fn webhook_secret(caller: Caller) -> HttpResponse {
     HttpResponse::Ok().json(SecretView {
         secret: caller.webhook_secret,
     })
@@ -536,7 +628,7 @@ pub async fn webhook_secret(caller: Caller) -> HttpResponse {
     responses((status = 200, body = ModelList), (status = 401, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpResponse {
+pub(crate) async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpResponse {
     let data = state
         .models
         .iter()
@@ -554,6 +646,8 @@ pub async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpResponse
                 .as_ref()
                 .map(|tiers| tiers.iter().map(|t| t.name.clone()).collect()),
             missing_setting: m.missing_setting.clone(),
+            image_input: m.image_input(),
+            fallback: m.settings.fallback.clone(),
         })
         .collect();
     HttpResponse::Ok().json(ModelList {
@@ -563,7 +657,7 @@ pub async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpResponse
 }
 
 /// Answers unknown routes.
-pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!(
         "No route for {} {}",
         req.method(),
@@ -572,6 +666,6 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
 }
 
 /// Answers known routes called with a method they do not support.
-pub async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub(crate) async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::MethodNotAllowed(req.method().to_string()))
 }

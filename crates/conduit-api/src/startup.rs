@@ -16,23 +16,23 @@ use conduit_core::{
     Broker,
 };
 use futures::FutureExt;
-use tokio::{sync::Notify, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    auth::KeyCache,
-    db,
+    consumers::{self, Consumers},
+    db::{self, is_unavailable},
     domain::ModelCatalog,
-    error::{is_unavailable, json_error_safety_net, ApiError, FieldError},
-    ledger,
+    error::{json_error_safety_net, ApiError, FieldError},
+    keys::KeyCache,
+    ledger::{SubmitWriter, TaskLedger},
+    links::{VideoLinks, SIGNING_KEY_SETTING},
     metrics::Metrics,
     openapi,
-    outbox::OutboxRelay,
     routes::{self, MAX_BODY},
     state::AppState,
-    submits::{self, SubmitWriter},
-    videos::{self, VideoLinks, SIGNING_KEY_SETTING},
+    videos,
 };
 
 /// How long start-up waits for PostgreSQL to become reachable.
@@ -78,19 +78,21 @@ impl App {
         let work = CancellationToken::new();
         let broker_stop = CancellationToken::new();
         let broker = Broker::start(&settings.amqp, "conduit-api", broker_stop.clone());
-        let (submits, submit_writer) =
-            submits::channel(pool.clone(), metrics.clone(), submit_writers(&settings));
+        let (ledger, submit_writer) = TaskLedger::new(
+            pool.clone(),
+            links.clone(),
+            metrics.clone(),
+            submit_writers(&settings),
+        );
         let state = Arc::new(AppState {
             models: ModelCatalog::from_settings(&settings),
             settings,
+            ledger: Arc::new(ledger),
             pool,
             broker,
             key_cache: KeyCache::default(),
-            store,
             links,
             metrics,
-            submits,
-            outbox_ready: Arc::new(Notify::new()),
         });
         let listener = TcpListener::bind(&state.settings.http.bind)
             .with_context(|| format!("binding {}", state.settings.http.bind))?;
@@ -109,11 +111,6 @@ impl App {
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    /// Shared state, for tests and tools that run beside the server.
-    pub fn state(&self) -> Arc<AppState> {
-        self.state.clone()
     }
 
     /// Serves until `shutdown` fires, then stops taking requests, finishes those in
@@ -188,19 +185,22 @@ async fn connect_with_patience(settings: &Settings) -> anyhow::Result<deadpool_p
 }
 
 fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHandle<()>> {
-    let relay = OutboxRelay {
-        pool: state.pool.clone(),
+    let relay = state.ledger.relay(state.broker.clone());
+    let consumers = Consumers {
+        ledger: state.ledger.clone(),
         broker: state.broker.clone(),
-        wake: state.outbox_ready.clone(),
         metrics: state.metrics.clone(),
+        limits: consumers::limits(
+            state.settings.database.pool_size,
+            state.settings.amqp.prefetch,
+        ),
     };
-    let status = ledger::run_status_consumer(state.clone(), work.clone());
-    let outcomes = ledger::run_outcome_consumer(state.clone(), work.clone());
+    let status = consumers.clone().run_status(work.clone());
+    let outcomes = consumers.run_outcomes(work.clone());
+    let ledger = state.ledger.clone();
+    let janitor_stop = work.clone();
     vec![
-        tokio::spawn(forget_old_idempotency_keys(
-            state.pool.clone(),
-            work.clone(),
-        )),
+        tokio::spawn(async move { ledger.forget_old_idempotency_keys(janitor_stop).await }),
         tokio::spawn(relay.run(work.clone())),
         tokio::spawn(status.map(|r| {
             if let Err(e) = r {
@@ -215,25 +215,6 @@ fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHan
     ]
 }
 
-/// Idempotency keys are honoured for 24 h; older rows are only dead weight.
-async fn forget_old_idempotency_keys(pool: deadpool_postgres::Pool, stop: CancellationToken) {
-    loop {
-        if let Ok(client) = pool.get().await {
-            let sql = format!(
-                "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => {})",
-                crate::tasks::IDEMPOTENCY_WINDOW_HOURS
-            );
-            if let Err(err) = client.execute(sql.as_str(), &[]).await {
-                warn!(error = %err, "could not forget old idempotency keys");
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(600)) => {}
-            () = stop.cancelled() => return,
-        }
-    }
-}
-
 fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
     let state = state.clone();
     ReadyCheck::new(move || {
@@ -242,14 +223,7 @@ fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
             if !state.broker.is_ready() {
                 return false;
             }
-            let ping = async {
-                let client = state.pool.get().await.ok()?;
-                client.simple_query("SELECT 1").await.ok()
-            };
-            matches!(
-                tokio::time::timeout(Duration::from_secs(2), ping).await,
-                Ok(Some(_))
-            )
+            state.ledger.reachable(Duration::from_secs(2)).await
         }
     })
 }

@@ -1,33 +1,23 @@
-//! What every handler and background task of one API process shares.
+//! What every handler of one API process shares.
 
 use std::sync::Arc;
 
-use conduit_core::{config::Settings, storage::VideoStore, Broker};
+use conduit_core::{config::Settings, Broker};
 use deadpool_postgres::Pool;
-use tokio::sync::Notify;
 
 use crate::{
-    auth::KeyCache, domain::ModelCatalog, metrics::Metrics, submits::SubmitQueue,
-    videos::VideoLinks,
+    domain::ModelCatalog, keys::KeyCache, ledger::TaskLedger, links::VideoLinks, metrics::Metrics,
 };
 
-pub struct AppState {
-    pub settings: Settings,
-    pub pool: Pool,
-    pub broker: Broker,
-    pub models: ModelCatalog,
-    pub key_cache: KeyCache,
-    pub store: VideoStore,
-    pub links: VideoLinks,
-    pub metrics: Metrics,
-    /// Hands submits to the group-commit writer.
-    pub submits: SubmitQueue,
-    /// Wakes the outbox relay right after a commit wrote outbox rows.
-    pub outbox_ready: Arc<Notify>,
-}
-
-impl AppState {
-    pub fn wake_relay(&self) {
-        self.outbox_ready.notify_one();
-    }
+pub(crate) struct AppState {
+    pub(crate) settings: Settings,
+    /// Every read and write of task state goes through the ledger.
+    pub(crate) ledger: Arc<TaskLedger>,
+    /// For API keys only (the ledger owns the task tables).
+    pub(crate) pool: Pool,
+    pub(crate) broker: Broker,
+    pub(crate) models: ModelCatalog,
+    pub(crate) key_cache: KeyCache,
+    pub(crate) links: VideoLinks,
+    pub(crate) metrics: Metrics,
 }

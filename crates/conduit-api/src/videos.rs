@@ -1,104 +1,23 @@
-//! Video URLs and the video download route. With file storage the API serves the bytes
-//! itself under a signed, expiring URL that needs no API key:
-//! `{public_base_url}/v1/videos/files/{task_id}?expires=<unix>&signature=<hex>`, where
-//! the signature is HMAC-SHA256 over `{task_id}.{expires}`. With S3 the store's own
-//! pre-signed URL is handed out instead.
-
-use std::time::Duration;
+//! The video download route: the bytes behind a signed, expiring URL made by
+//! [`crate::links`], with HTTP Range support.
 
 use actix_web::{
     http::header::{self, HeaderValue},
     web, HttpRequest, HttpResponse,
 };
-use anyhow::Context;
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
-use conduit_core::storage::VideoStore;
-use hmac::{Hmac, Mac};
+use chrono::Utc;
 use serde::Deserialize;
-use sha2::Sha256;
 use uuid::Uuid;
 
 use crate::{error::ApiError, state::AppState};
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// Settings-table key of the generated signing key (used when storage.signing_key is unset).
-pub const SIGNING_KEY_SETTING: &str = "video_url_signing_key";
 /// Bytes read from storage per chunk of a streamed response.
 const CHUNK: u64 = 1024 * 1024;
 
-/// Makes and checks video URLs.
-#[derive(Clone)]
-pub struct VideoLinks {
-    key: Vec<u8>,
-    base_url: String,
-    ttl: Duration,
-    store: VideoStore,
-}
-
-impl VideoLinks {
-    pub fn new(key: Vec<u8>, base_url: &str, ttl: Duration, store: VideoStore) -> Self {
-        Self {
-            key,
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            ttl: ttl.max(Duration::from_secs(1)),
-            store,
-        }
-    }
-
-    fn mac(&self, task_id: Uuid, expires: i64) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
-        mac.update(format!("{task_id}.{expires}").as_bytes());
-        mac
-    }
-
-    pub fn signature(&self, task_id: Uuid, expires: i64) -> String {
-        hex::encode(self.mac(task_id, expires).finalize().into_bytes())
-    }
-
-    pub fn verify(&self, task_id: Uuid, expires: i64, signature: &str) -> bool {
-        let Ok(raw) = hex::decode(signature) else {
-            return false;
-        };
-        self.mac(task_id, expires).verify_slice(&raw).is_ok()
-    }
-
-    /// Expiry of the URL handed out at `now` for a video completed at `completed_at`:
-    /// the end of the TTL window `now` falls in, counted from completion. The completed
-    /// webhook and every poll within one window therefore show the same URL, and a poll
-    /// always gets one that is still valid.
-    pub fn expires_at(&self, completed_at: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
-        let ttl = i64::try_from(self.ttl.as_secs()).unwrap_or(i64::MAX / 4);
-        let start = completed_at.timestamp();
-        let elapsed = (now.timestamp() - start).max(0);
-        start + (elapsed / ttl + 1) * ttl
-    }
-
-    /// The `video_url` of a completed task, as seen at `now`.
-    pub async fn url_for(
-        &self,
-        task_id: Uuid,
-        video_key: &str,
-        completed_at: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> anyhow::Result<String> {
-        if let Some(url) = self.store.presigned_url(video_key, self.ttl).await? {
-            return Ok(url);
-        }
-        let expires = self.expires_at(completed_at, now);
-        Ok(format!(
-            "{}/v1/videos/files/{task_id}?expires={expires}&signature={}",
-            self.base_url,
-            self.signature(task_id, expires)
-        ))
-    }
-}
-
 /// Which bytes a `Range` header asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RangeRequest {
+pub(crate) enum RangeRequest {
     Full,
     /// Inclusive first and last byte.
     Partial(u64, u64),
@@ -108,7 +27,7 @@ pub enum RangeRequest {
 /// Parses a single `bytes=` range against an object of `size` bytes. Anything this does
 /// not understand (other units, several ranges, bad syntax) is ignored, as RFC 9110
 /// allows, and the whole object is served.
-pub fn parse_range(header: Option<&str>, size: u64) -> RangeRequest {
+pub(crate) fn parse_range(header: Option<&str>, size: u64) -> RangeRequest {
     let Some(spec) = header.and_then(|h| h.trim().strip_prefix("bytes=")) else {
         return RangeRequest::Full;
     };
@@ -149,7 +68,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeRequest {
 }
 
 #[derive(Debug, Deserialize)]
-pub struct FileQuery {
+pub(crate) struct FileQuery {
     expires: Option<String>,
     signature: Option<String>,
 }
@@ -175,7 +94,7 @@ pub struct FileQuery {
     ),
     security(())
 )]
-pub async fn download(
+pub(crate) async fn download(
     state: web::Data<AppState>,
     req: HttpRequest,
     path: web::Path<String>,
@@ -198,20 +117,15 @@ pub async fn download(
             "The video URL expired; fetch the task again for a fresh one".into(),
         ));
     }
-    let client = state.pool.get().await?;
-    let stmt = client
-        .prepare_cached("SELECT video_key FROM tasks WHERE id = $1 AND status = 'completed'")
-        .await
-        .context("preparing video look-up")?;
-    let key: Option<String> = client
-        .query_opt(&stmt, &[&task_id])
-        .await
-        .context("looking up the video")?
-        .and_then(|r| r.get(0));
-    drop(client);
+    let key = state.ledger.completed_video_key(task_id).await?;
     let not_found = || ApiError::NotFound("No such video".into());
     let key = key.ok_or_else(not_found)?;
-    let size = state.store.size(&key).await?.ok_or_else(not_found)?;
+    let size = state
+        .links
+        .store()
+        .size(&key)
+        .await?
+        .ok_or_else(not_found)?;
     let range = parse_range(
         req.headers()
             .get(header::RANGE)
@@ -242,7 +156,7 @@ pub async fn download(
     if length == 0 {
         return Ok(response.finish());
     }
-    let store = state.store.clone();
+    let store = state.links.store().clone();
     let end = last + 1;
     let stream = futures::stream::unfold(first, move |at| {
         let store = store.clone();
@@ -282,40 +196,5 @@ mod tests {
         assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Full);
         assert_eq!(parse_range(Some("items=0-1"), 10), Full);
         assert_eq!(parse_range(Some("bytes=x-1"), 10), Full);
-    }
-
-    fn links() -> VideoLinks {
-        let store = VideoStore::from_url(&format!(
-            "file://{}",
-            std::env::temp_dir().join("conduit-links-test").display()
-        ))
-        .unwrap();
-        VideoLinks::new(b"k".to_vec(), "http://h/", Duration::from_secs(100), store)
-    }
-
-    #[test]
-    fn signatures_verify_only_for_their_task_and_expiry() {
-        let l = links();
-        let id = Uuid::new_v4();
-        let sig = l.signature(id, 1000);
-        assert!(l.verify(id, 1000, &sig));
-        assert!(!l.verify(id, 1001, &sig));
-        assert!(!l.verify(Uuid::new_v4(), 1000, &sig));
-        assert!(!l.verify(id, 1000, "zz"));
-    }
-
-    #[test]
-    fn expiry_is_stable_within_a_window() {
-        let l = links();
-        let done = DateTime::from_timestamp(1_000, 0).unwrap();
-        assert_eq!(l.expires_at(done, done), 1_100);
-        assert_eq!(
-            l.expires_at(done, DateTime::from_timestamp(1_099, 0).unwrap()),
-            1_100
-        );
-        assert_eq!(
-            l.expires_at(done, DateTime::from_timestamp(1_100, 0).unwrap()),
-            1_200
-        );
     }
 }

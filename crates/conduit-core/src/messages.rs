@@ -41,6 +41,24 @@ pub struct JobMessage {
     pub spec: RenderSpec,
     #[serde(with = "rfc3339_millis")]
     pub submitted_at: DateTime<Utc>,
+    /// The first frame for image-to-video, as the user gave it: an `http`/`https` URL
+    /// (checked against private targets) or a `data:image/png|jpeg;base64,` URI. Absent
+    /// in jobs of older APIs, which a generator reads as text-to-video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
+}
+
+impl JobMessage {
+    /// The broker message id of this attempt's job: the same on every copy of it (the
+    /// outbox's first publish, a hand-back, a checkpoint), so duplicates are recognisable.
+    pub fn message_id(&self) -> String {
+        job_message_id(self.task_id, self.attempt)
+    }
+}
+
+/// The broker message id of the job of `task_id`'s attempt `attempt`.
+pub fn job_message_id(task_id: Uuid, attempt: i32) -> String {
+    format!("{task_id}:{attempt}")
 }
 
 /// What a status event says about a task.
@@ -61,6 +79,10 @@ pub enum StatusKind {
     Completed {
         video_key: String,
         generation_duration_seconds: f64,
+        /// The model that made the video when it is not the task's own (a `fallback`
+        /// model took over); absent otherwise and from older generators.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     Failed {
         error: String,

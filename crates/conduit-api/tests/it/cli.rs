@@ -145,7 +145,7 @@ async fn concurrent_start_ups_create_and_migrate_the_database_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     drop(client);
     pool.close();
     cleanup(&settings).await;

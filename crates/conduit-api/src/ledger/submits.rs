@@ -18,7 +18,7 @@
 //! away, each of its submits is written on its own instead, so a bad row fails alone.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     sync::Arc,
 };
 
@@ -30,27 +30,28 @@ use tokio_util::sync::CancellationToken;
 use tracing::{warn, Instrument};
 use uuid::Uuid;
 
-use crate::{
-    error::{is_unavailable, ApiError},
-    metrics::Metrics,
-    tasks::{
-        self, NewSubmit, Submitted, TaskRow, CLAIM_SQL, IDEMPOTENCY_WINDOW_HOURS, TASK_COLUMNS,
-    },
+use super::{
+    task::{NewTask, TaskRow, TASK_COLUMNS},
+    LedgerError, Submitted,
 };
+use crate::{db::is_unavailable, metrics::Metrics};
+
+/// Idempotency keys are honoured for this long.
+pub(crate) const IDEMPOTENCY_WINDOW_HOURS: i32 = 24;
 
 /// Most submits written in one transaction.
-pub const MAX_BATCH: usize = 256;
+pub(crate) const MAX_BATCH: usize = 256;
 /// Submits that may wait for the writer before handlers wait to hand theirs over.
 const QUEUE: usize = 4 * MAX_BATCH;
 
 /// The handlers' side: hands a submit to the writer and waits for its outcome.
 #[derive(Clone)]
-pub struct SubmitQueue {
+pub(crate) struct SubmitQueue {
     tx: mpsc::Sender<Pending>,
 }
 
 /// The writer's side, run by [`SubmitWriter::run`].
-pub struct SubmitWriter {
+pub(crate) struct SubmitWriter {
     rx: mpsc::Receiver<Pending>,
     pool: Pool,
     metrics: Metrics,
@@ -59,12 +60,12 @@ pub struct SubmitWriter {
 }
 
 struct Pending {
-    submit: NewSubmit,
-    reply: oneshot::Sender<Result<Submitted, ApiError>>,
+    submit: NewTask,
+    reply: oneshot::Sender<Result<Submitted, LedgerError>>,
 }
 
 /// A queue and its writer; `writers` batches may be committing at once.
-pub fn channel(pool: Pool, metrics: Metrics, writers: usize) -> (SubmitQueue, SubmitWriter) {
+pub(super) fn channel(pool: Pool, metrics: Metrics, writers: usize) -> (SubmitQueue, SubmitWriter) {
     let (tx, rx) = mpsc::channel(QUEUE);
     (
         SubmitQueue { tx },
@@ -80,28 +81,28 @@ pub fn channel(pool: Pool, metrics: Metrics, writers: usize) -> (SubmitQueue, Su
 impl SubmitQueue {
     /// Writes `submit` with whatever else is waiting; returns once its transaction has
     /// committed (or failed).
-    pub async fn submit(&self, submit: NewSubmit) -> Result<Submitted, ApiError> {
+    pub(super) async fn submit(&self, submit: NewTask) -> Result<Submitted, LedgerError> {
         self.enqueue(submit).await?.outcome().await
     }
 
     /// Queues `submit` and returns the wait for its outcome.
-    pub async fn enqueue(&self, submit: NewSubmit) -> Result<Answer, ApiError> {
+    pub(crate) async fn enqueue(&self, submit: NewTask) -> Result<Answer, LedgerError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Pending { submit, reply })
             .await
-            .map_err(|_| ApiError::Unavailable(anyhow!("the submit writer has stopped")))?;
+            .map_err(|_| LedgerError::Unavailable(anyhow!("the submit writer has stopped")))?;
         Ok(Answer(answer))
     }
 }
 
 /// The outcome of a queued submit, once its transaction has committed (or failed).
-pub struct Answer(oneshot::Receiver<Result<Submitted, ApiError>>);
+pub(crate) struct Answer(oneshot::Receiver<Result<Submitted, LedgerError>>);
 
 impl Answer {
-    pub async fn outcome(self) -> Result<Submitted, ApiError> {
+    pub(crate) async fn outcome(self) -> Result<Submitted, LedgerError> {
         self.0.await.map_err(|_| {
-            ApiError::Unavailable(anyhow!("the submit writer stopped before answering"))
+            LedgerError::Unavailable(anyhow!("the submit writer stopped before answering"))
         })?
     }
 }
@@ -109,7 +110,7 @@ impl Answer {
 impl SubmitWriter {
     /// Writes batches until `stop` fires, then writes what is still queued, waits for the
     /// batches in flight and returns. Stop it only after the HTTP server has stopped.
-    pub async fn run(mut self, stop: CancellationToken) {
+    pub(crate) async fn run(mut self, stop: CancellationToken) {
         let slots = Arc::new(Semaphore::new(self.writers));
         let mut stopping = false;
         loop {
@@ -163,66 +164,78 @@ enum Outcome {
     Replayed(Box<TaskRow>),
     Reused,
     /// Not settled in the batch: written on its own afterwards.
-    Alone,
+    Unsettled,
 }
 
-/// Writes one batch and answers each of its submits.
+/// Writes one batch and answers each of its submits. A submit is never written any other
+/// way: one written on its own (a key that appears twice in the batch, a row the batch
+/// could not settle, a batch that failed for a reason other than the database being
+/// away) is simply a batch of one, written after the batch it came from.
 async fn commit(pool: &Pool, batch: Vec<Pending>) {
-    // A key that appears twice in one batch cannot be claimed twice in one statement;
-    // the later ones are written after the batch, when the first one's claim is visible.
-    let mut seen = HashSet::new();
-    let (together, alone): (Vec<Pending>, Vec<Pending>) = batch.into_iter().partition(|p| {
-        p.submit
-            .claim
-            .as_ref()
-            .is_none_or(|c| seen.insert((p.submit.task.api_key_id, c.key.clone())))
-    });
-    let submits: Vec<&NewSubmit> = together.iter().map(|p| &p.submit).collect();
-    let mut later = alone;
-    match write_batch(pool, &submits).await {
-        Ok(outcomes) => {
-            for (pending, outcome) in together.into_iter().zip(outcomes) {
-                let answer = match outcome {
-                    Outcome::Created => Ok(Submitted::Created(pending.submit.task.clone())),
-                    Outcome::Replayed(task) => Ok(Submitted::Replayed(*task)),
-                    Outcome::Reused => Err(ApiError::IdempotencyKeyReused),
-                    Outcome::Alone => {
-                        later.push(pending);
-                        continue;
-                    }
-                };
-                let _ = pending.reply.send(answer);
-            }
+    let mut rounds = VecDeque::from([batch]);
+    while let Some(round) = rounds.pop_front() {
+        // A key that appears twice in one batch cannot be claimed twice in one statement;
+        // the later ones are written after the batch, when the first one's claim is visible.
+        let mut seen = HashSet::new();
+        let (together, again): (Vec<Pending>, Vec<Pending>) = round.into_iter().partition(|p| {
+            p.submit
+                .claim
+                .as_ref()
+                .is_none_or(|c| seen.insert((p.submit.task.api_key_id, c.key.clone())))
+        });
+        if !again.is_empty() {
+            rounds.push_front(again);
         }
-        Err(err) if is_unavailable(&err) => {
-            let message = format!("{err:#}");
-            for pending in together {
-                let _ = pending
-                    .reply
-                    .send(Err(ApiError::Unavailable(anyhow!("{message}"))));
-            }
-        }
-        Err(err) if together.len() == 1 => {
-            if let Some(pending) = together.into_iter().next() {
-                let _ = pending.reply.send(Err(ApiError::from(err)));
-            }
-        }
-        Err(err) => {
-            warn!(error = %format!("{err:#}"), submits = together.len(), "a submit batch failed; writing its submits one by one");
-            later.extend(together);
-        }
-    }
-    for pending in later {
-        let answer = tasks::submit_one(pool, &pending.submit)
-            .instrument(tracing::info_span!("submit_alone", task_id = %pending.submit.task.id))
+        let alone = together.len() == 1;
+        let submits: Vec<&NewTask> = together.iter().map(|p| &p.submit).collect();
+        let written = write_batch(pool, &submits)
+            .instrument(tracing::info_span!(
+                "submit_batch_write",
+                submits = submits.len()
+            ))
             .await;
-        let _ = pending.reply.send(answer);
+        match written {
+            Ok(outcomes) => {
+                for (pending, outcome) in together.into_iter().zip(outcomes) {
+                    let answer = match outcome {
+                        Outcome::Created => Ok(Submitted::Created(pending.submit.task.clone())),
+                        Outcome::Replayed(task) => Ok(Submitted::Replayed(*task)),
+                        Outcome::Reused => Err(LedgerError::IdempotencyKeyReused),
+                        Outcome::Unsettled if alone => Err(LedgerError::Internal(anyhow!(
+                            "the Idempotency-Key names a task that does not exist"
+                        ))),
+                        Outcome::Unsettled => {
+                            rounds.push_back(vec![pending]);
+                            continue;
+                        }
+                    };
+                    let _ = pending.reply.send(answer);
+                }
+            }
+            Err(err) if is_unavailable(&err) => {
+                let message = format!("{err:#}");
+                for pending in together {
+                    let _ = pending
+                        .reply
+                        .send(Err(LedgerError::Unavailable(anyhow!("{message}"))));
+                }
+            }
+            Err(err) if alone => {
+                if let Some(pending) = together.into_iter().next() {
+                    let _ = pending.reply.send(Err(LedgerError::from(err)));
+                }
+            }
+            Err(err) => {
+                warn!(error = %format!("{err:#}"), submits = together.len(), "a submit batch failed; writing its submits one by one");
+                rounds.extend(together.into_iter().map(|p| vec![p]));
+            }
+        }
     }
 }
 
 /// Writes every submit of `submits` it can settle in one transaction; the outcomes are
 /// in the same order.
-async fn write_batch(pool: &Pool, submits: &[&NewSubmit]) -> anyhow::Result<Vec<Outcome>> {
+async fn write_batch(pool: &Pool, submits: &[&NewTask]) -> anyhow::Result<Vec<Outcome>> {
     if submits.is_empty() {
         return Ok(Vec::new());
     }
@@ -237,7 +250,7 @@ async fn write_batch(pool: &Pool, submits: &[&NewSubmit]) -> anyhow::Result<Vec<
         .await
         .context("starting a submit batch")?;
     let mut outcomes = claim_keys(&tx, submits).await?;
-    let created: Vec<&NewSubmit> = submits
+    let created: Vec<&NewTask> = submits
         .iter()
         .zip(&outcomes)
         .filter(|(_, o)| matches!(o, Outcome::Created))
@@ -276,7 +289,7 @@ async fn write_batch(pool: &Pool, submits: &[&NewSubmit]) -> anyhow::Result<Vec<
                         Outcome::Replayed(Box::new(task.clone()))
                     }
                     // Written on its own, it reports what is wrong.
-                    _ => Outcome::Alone,
+                    _ => Outcome::Unsettled,
                 };
             }
         }
@@ -290,9 +303,9 @@ async fn write_batch(pool: &Pool, submits: &[&NewSubmit]) -> anyhow::Result<Vec<
 /// keys seen before.
 async fn claim_keys(
     tx: &deadpool_postgres::Transaction<'_>,
-    submits: &[&NewSubmit],
+    submits: &[&NewTask],
 ) -> anyhow::Result<Vec<Outcome>> {
-    let keyed: Vec<&NewSubmit> = submits
+    let keyed: Vec<&NewTask> = submits
         .iter()
         .filter(|s| s.claim.is_some())
         .copied()
@@ -310,28 +323,7 @@ async fn claim_keys(
         task_ids.push(s.task.id);
         ats.push(s.task.created_at);
     }
-    let claimed: HashSet<Uuid> = if keyed.len() == 1 {
-        let stmt = tx
-            .prepare_cached(CLAIM_SQL)
-            .await
-            .context("preparing idempotency claim")?;
-        tx.query_opt(
-            &stmt,
-            &[
-                &key_ids[0],
-                &keys[0],
-                &hashes[0],
-                &task_ids[0],
-                &ats[0],
-                &IDEMPOTENCY_WINDOW_HOURS,
-            ],
-        )
-        .await
-        .context("claiming the idempotency key")?
-        .map(|r| r.get(0))
-        .into_iter()
-        .collect()
-    } else {
+    let claimed: HashSet<Uuid> = {
         // Sorted by key, so concurrent batches lock shared keys in the same order.
         let stmt = tx
             .prepare_cached(
@@ -365,7 +357,7 @@ async fn claim_keys(
         .map(|r| r.get(0))
         .collect()
     };
-    let taken: Vec<&NewSubmit> = keyed
+    let taken: Vec<&NewTask> = keyed
         .iter()
         .filter(|s| !claimed.contains(&s.task.id))
         .copied()
@@ -412,14 +404,14 @@ async fn claim_keys(
                     Outcome::Reused
                 }
                 Some((_, task_id)) => Outcome::Replayed(Box::new(placeholder(*task_id, s))),
-                None => Outcome::Alone,
+                None => Outcome::Unsettled,
             }
         })
         .collect())
 }
 
 /// A stand-in carrying only the id of a replayed task until the row is read.
-fn placeholder(task_id: Uuid, submit: &NewSubmit) -> TaskRow {
+fn placeholder(task_id: Uuid, submit: &NewTask) -> TaskRow {
     TaskRow {
         id: task_id,
         ..submit.task.clone()
@@ -429,7 +421,7 @@ fn placeholder(task_id: Uuid, submit: &NewSubmit) -> TaskRow {
 /// Inserts the tasks and their jobs with one statement: one row of each per submit.
 async fn insert_tasks_with_jobs(
     client: &impl GenericClient,
-    submits: &[&NewSubmit],
+    submits: &[&NewTask],
 ) -> anyhow::Result<()> {
     if submits.is_empty() {
         return Ok(());
@@ -453,6 +445,7 @@ async fn insert_tasks_with_jobs(
     let mut ats: Vec<DateTime<Utc>> = Vec::with_capacity(n);
     let mut bodies = Vec::with_capacity(n);
     let mut message_ids = Vec::with_capacity(n);
+    let mut images = Vec::with_capacity(n);
     for s in submits {
         let t = &s.task;
         ids.push(t.id);
@@ -472,6 +465,7 @@ async fn insert_tasks_with_jobs(
         ats.push(t.created_at);
         bodies.push(s.job.body.as_slice());
         message_ids.push(s.job.message_id.as_deref());
+        images.push(t.image_url.as_deref());
     }
     let stmt = client
         .prepare_cached(
@@ -479,17 +473,17 @@ async fn insert_tasks_with_jobs(
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::int4[], $8::int4[], $9::int4[], $10::int4[], $11::int8[],
                      $12::text[], $13::jsonb[], $14::text[], $15::timestamptz[], $16::bytea[],
-                     $17::text[])
+                     $17::text[], $19::text[])
                  AS s (id, api_key_id, model, provider, upstream_model, prompt, duration, width,
                      height, fps, seed, webhook_url, webhook_headers, webhook_events, created_at,
-                     job, message_id)
+                     job, message_id, image_url)
              ), task AS (
                  INSERT INTO tasks (id, api_key_id, attempt, status, model, provider,
                      upstream_model, prompt, duration, width, height, fps, seed, webhook_url,
-                     webhook_headers, webhook_events, created_at, updated_at)
+                     webhook_headers, webhook_events, created_at, updated_at, image_url)
                  SELECT id, api_key_id, 1, 'pending', model, provider, upstream_model, prompt,
                      duration, width, height, fps, seed, webhook_url, webhook_headers,
-                     string_to_array(webhook_events, ','), created_at, created_at
+                     string_to_array(webhook_events, ','), created_at, created_at, image_url
                  FROM submit)
              INSERT INTO outbox (target, route, body, task_id, message_id)
              SELECT 'queue', $18, job, id, message_id FROM submit",
@@ -519,9 +513,26 @@ async fn insert_tasks_with_jobs(
                 &bodies,
                 &message_ids,
                 &route,
+                &images,
             ],
         )
         .await
         .context("inserting the tasks and their jobs")?;
     Ok(())
 }
+
+/// Deletes Idempotency-Keys older than their window: past it they are only dead weight.
+pub(super) async fn forget_old_keys(pool: &Pool) -> anyhow::Result<u64> {
+    let client = pool.get().await.context("taking a database connection")?;
+    client
+        .execute(
+            "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(hours => $1)",
+            &[&IDEMPOTENCY_WINDOW_HOURS],
+        )
+        .await
+        .context("forgetting old idempotency keys")
+}
+
+#[cfg(test)]
+#[path = "submits_tests.rs"]
+mod tests;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-use crate::{error::ApiError, metrics::Metrics};
+use crate::metrics::Metrics;
 
 /// Rows published per transaction.
 const BATCH: i64 = 500;
@@ -24,7 +24,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const GAUGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Adds a message to the outbox inside the caller's transaction.
-pub async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> Result<(), ApiError> {
+pub(super) async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> anyhow::Result<()> {
     let (target, route) = match &message.target {
         Target::Queue(route) => ("queue", route.as_str()),
         Target::Control => ("control", ""),
@@ -52,15 +52,15 @@ pub async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> Result<
 }
 
 /// Publishes outbox rows until `shutdown` fires.
-pub struct OutboxRelay {
-    pub pool: Pool,
-    pub broker: Broker,
-    pub wake: Arc<Notify>,
-    pub metrics: Metrics,
+pub(crate) struct OutboxRelay {
+    pub(super) pool: Pool,
+    pub(super) broker: Broker,
+    pub(super) wake: Arc<Notify>,
+    pub(super) metrics: Metrics,
 }
 
 impl OutboxRelay {
-    pub async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         let mut last_gauge = tokio::time::Instant::now() - GAUGE_EVERY;
         loop {
@@ -104,7 +104,7 @@ impl OutboxRelay {
     }
 
     /// Publishes one batch; returns how many rows it published.
-    pub async fn publish_once(&self) -> anyhow::Result<usize> {
+    async fn publish_once(&self) -> anyhow::Result<usize> {
         let mut client = self
             .pool
             .get()

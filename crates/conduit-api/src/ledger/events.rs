@@ -1,6 +1,6 @@
-//! The task ledger: the only writer of a task's state after submit. It applies the
-//! generators' status events as a state machine, one transaction per event, and in the
-//! same transaction records the webhook events they cause. An event counts only for the
+//! Status events: the generators' reports applied to a task as a state machine, one
+//! transaction per event, recording in the same transaction the webhook events they
+//! cause. An event counts only for the
 //! task's current attempt and never after a terminal state; a non-terminal event must
 //! also carry a sequence number above the last one applied. Everything else is a
 //! duplicate or stale and is dropped. That is what gives every task exactly one terminal
@@ -9,32 +9,24 @@
 //! A terminal event skips the sequence check on purpose: a generator that takes over a
 //! job from a lost one may number its events from the start again, and its outcome must
 //! still count. The first terminal event of an attempt wins; any later one is dropped.
-//!
-//! The same module records the webhook senders' attempt outcomes into the delivery log.
-
-use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use chrono::Utc;
 use conduit_core::{
-    messages::{AttemptOutcome, StatusEvent, StatusKind, SCHEMA_VERSION},
+    messages::{StatusEvent, StatusKind},
     payload::{CompletedPayload, FailedPayload, ProgressPayload, WebhookEvent, WebhookPayload},
-    topology::route,
-    ConsumeLimits, Disposition, Incoming, Source,
 };
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use deadpool_postgres::Pool;
 
-use crate::{
-    error::is_unavailable,
-    state::AppState,
-    tasks::{TaskRow, TaskStatus, TASK_COLUMNS},
+use super::{
+    task::{TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks,
 };
+use crate::links::VideoLinks;
 
 /// Why an event was not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Drop {
+pub(crate) enum Drop {
     UnknownTask,
     OtherAttempt,
     AfterTerminal,
@@ -42,7 +34,7 @@ pub enum Drop {
 }
 
 impl Drop {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Drop::UnknownTask => "unknown_task",
             Drop::OtherAttempt => "other_attempt",
@@ -54,7 +46,7 @@ impl Drop {
 
 /// The state-machine rule: may `event` change a task that is `status` at `attempt`
 /// with `last_seq` applied?
-pub fn judge(
+pub(super) fn judge(
     status: TaskStatus,
     attempt: i32,
     last_seq: i64,
@@ -74,7 +66,7 @@ pub fn judge(
 
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
+pub(crate) enum Applied {
     Applied { webhook: bool },
     Dropped(Drop),
 }
@@ -86,7 +78,11 @@ fn storable(text: &str) -> String {
 }
 
 /// Applies one status event in one transaction.
-pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Applied> {
+pub(super) async fn apply(
+    pool: &Pool,
+    links: &VideoLinks,
+    event: &StatusEvent,
+) -> anyhow::Result<Applied> {
     let event = &StatusEvent {
         kind: match &event.kind {
             StatusKind::Processing { message } => StatusKind::Processing {
@@ -104,9 +100,11 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
             StatusKind::Completed {
                 video_key,
                 generation_duration_seconds,
+                model,
             } => StatusKind::Completed {
                 video_key: storable(video_key),
                 generation_duration_seconds: *generation_duration_seconds,
+                model: model.as_deref().map(storable),
             },
             StatusKind::Failed { error } => StatusKind::Failed {
                 error: storable(error),
@@ -114,11 +112,7 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
         },
         ..event.clone()
     };
-    let mut client = state
-        .pool
-        .get()
-        .await
-        .context("connecting to the database")?;
+    let mut client = pool.get().await.context("connecting to the database")?;
     let tx = client
         .transaction()
         .await
@@ -188,10 +182,25 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
         StatusKind::Completed {
             video_key,
             generation_duration_seconds,
+            model: fallback,
         } => {
+            // A fallback model that made the video is named in the message and the
+            // webhook's `model`; the task keeps the model it was submitted for.
+            let made_by = fallback
+                .clone()
+                .filter(|m| *m != task.model)
+                .unwrap_or_else(|| task.model.clone());
+            let message = if made_by == task.model {
+                "Video generation completed".to_owned()
+            } else {
+                format!(
+                    "Video generation completed by fallback model {made_by} ({} was unavailable)",
+                    task.model
+                )
+            };
             tx.execute(
                 "UPDATE tasks SET status = 'completed', progress = 100, eta_seconds = NULL,
-                     message = 'Video generation completed',
+                     message = $7,
                      video_key = $2, generation_duration_seconds = $3, completed_at = $4,
                      last_seq = $5, updated_at = $6
                  WHERE id = $1",
@@ -202,21 +211,19 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
                     &at,
                     &seq,
                     &now,
+                    &message,
                 ],
             )
             .await
             .context("completing the task")?;
             if task.wants(WebhookEvent::Completed) {
-                let url = state
-                    .links
-                    .url_for(task.id, video_key, at, Utc::now())
-                    .await?;
+                let url = links.url_for(task.id, video_key, at, Utc::now()).await?;
                 Some(WebhookPayload::Completed(CompletedPayload::new(
                     task.id,
                     at,
                     url,
                     *generation_duration_seconds,
-                    task.model.clone(),
+                    made_by,
                     task.prompt.clone(),
                 )))
             } else {
@@ -253,184 +260,10 @@ pub async fn apply(state: &AppState, event: &StatusEvent) -> anyhow::Result<Appl
     })
 }
 
-/// Retries `work` while the database is away (keeping the delivery unacknowledged) and
-/// a few times on other errors, then hands the delivery back.
-async fn with_retries<T, F, Fut>(what: &str, shutdown: &CancellationToken, mut work: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<T>>,
-{
-    let mut backoff = Duration::from_millis(100);
-    let mut failures = 0;
-    loop {
-        match work().await {
-            Ok(v) => return Some(v),
-            Err(err) => {
-                let transient = is_unavailable(&err);
-                failures += 1;
-                warn!(error = %format!("{err:#}"), transient, "{what} failed");
-                if !transient && failures >= 3 {
-                    return None;
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => {}
-                    () = shutdown.cancelled() => return None,
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn on_status(
-    state: Arc<AppState>,
-    incoming: Incoming,
-    shutdown: CancellationToken,
-) -> Disposition {
-    let event: StatusEvent = match serde_json::from_slice(&incoming.body) {
-        Ok(e) => e,
-        Err(err) => {
-            warn!(error = %err, "unreadable status event; rejecting it");
-            return Disposition::Reject;
-        }
-    };
-    if event.v > SCHEMA_VERSION {
-        warn!(
-            v = event.v,
-            "status event of an unknown schema version; rejecting it"
-        );
-        return Disposition::Reject;
-    }
-    let span = tracing::info_span!("status_event", task_id = %event.task_id, attempt = event.attempt, seq = event.seq);
-    async {
-        let Some(applied) = with_retries("applying a status event", &shutdown, || {
-            apply(&state, &event)
-        })
-        .await
-        else {
-            return Disposition::Requeue;
-        };
-        match applied {
-            Applied::Applied { webhook } => {
-                state
-                    .metrics
-                    .ledger_events
-                    .with_label_values(&["applied"])
-                    .inc();
-                if webhook {
-                    state.wake_relay();
-                }
-                if event.kind.is_terminal() {
-                    info!("task reached its terminal state");
-                }
-            }
-            Applied::Dropped(why) => {
-                state
-                    .metrics
-                    .ledger_events
-                    .with_label_values(&[why.as_str()])
-                    .inc();
-                debug!(reason = why.as_str(), "dropped status event");
-            }
-        }
-        Disposition::Ack
-    }
-    .instrument(span)
-    .await
-}
-
-async fn on_outcome(
-    state: Arc<AppState>,
-    incoming: Incoming,
-    shutdown: CancellationToken,
-) -> Disposition {
-    let outcome: AttemptOutcome = match serde_json::from_slice(&incoming.body) {
-        Ok(o) => o,
-        Err(err) => {
-            warn!(error = %err, "unreadable webhook outcome; rejecting it");
-            return Disposition::Reject;
-        }
-    };
-    if outcome.v > SCHEMA_VERSION {
-        return Disposition::Reject;
-    }
-    let span = tracing::info_span!("webhook_outcome", task_id = %outcome.task_id, webhook_id = %outcome.webhook_id);
-    async {
-        let pool = state.pool.clone();
-        match with_retries("recording a webhook outcome", &shutdown, || {
-            let pool = pool.clone();
-            let outcome = outcome.clone();
-            async move { webhooks::record_outcome(&pool, &outcome).await }
-        })
-        .await
-        {
-            Some(_) => {
-                state
-                    .metrics
-                    .webhook_outcomes
-                    .with_label_values(&[outcome.state.as_str()])
-                    .inc();
-                Disposition::Ack
-            }
-            None => Disposition::Requeue,
-        }
-    }
-    .instrument(span)
-    .await
-}
-
-/// Each consumer may hold a quarter of the pool, so a burst of events never starves the
-/// HTTP handlers of connections.
-fn limits(state: &AppState) -> ConsumeLimits {
-    let concurrency = (state.settings.database.pool_size / 4).max(1);
-    ConsumeLimits {
-        prefetch: state
-            .settings
-            .amqp
-            .prefetch
-            .min(u16::try_from(concurrency * 4).unwrap_or(u16::MAX))
-            .max(1),
-        concurrency,
-    }
-}
-
-/// Consumes status events until `shutdown`.
-pub async fn run_status_consumer(
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let broker = state.broker.clone();
-    let limits = limits(&state);
-    broker
-        .consume(
-            Source::Queue(route::STATUS.into()),
-            limits,
-            shutdown,
-            move |incoming, token| on_status(state.clone(), incoming, token),
-        )
-        .await
-}
-
-/// Consumes webhook attempt outcomes until `shutdown`.
-pub async fn run_outcome_consumer(
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let broker = state.broker.clone();
-    let limits = limits(&state);
-    broker
-        .consume(
-            Source::Queue(route::OUTCOMES.into()),
-            limits,
-            shutdown,
-            move |incoming, token| on_outcome(state.clone(), incoming, token),
-        )
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use conduit_core::messages::SCHEMA_VERSION;
     use uuid::Uuid;
 
     fn event(attempt: i32, seq: u64) -> StatusEvent {

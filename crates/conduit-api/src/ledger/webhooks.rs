@@ -16,10 +16,10 @@ use conduit_core::{
 use deadpool_postgres::{GenericClient, Pool};
 use uuid::Uuid;
 
-use crate::{auth::Caller, error::ApiError, outbox, tasks::TaskRow};
+use super::{outbox, task::TaskRow, LedgerError};
 
 /// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
-pub fn new_webhook_id() -> String {
+fn new_webhook_id() -> String {
     format!("msg_{}", Uuid::now_v7().simple())
 }
 
@@ -31,13 +31,13 @@ fn delivery_outgoing(d: &WebhookDelivery) -> anyhow::Result<Outgoing> {
 
 /// Records one webhook event of `task` and queues its delivery. The caller has checked
 /// that the task subscribes to the event.
-pub async fn record_event(
+pub(super) async fn record_event(
     client: &impl GenericClient,
     task: &TaskRow,
     secret: &str,
     payload: &WebhookPayload,
     occurred_at: DateTime<Utc>,
-) -> Result<String, ApiError> {
+) -> anyhow::Result<String> {
     let url = task
         .webhook_url
         .clone()
@@ -85,59 +85,41 @@ pub async fn record_event(
 }
 
 /// One attempt in the delivery log.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct AttemptView {
-    pub attempt: i32,
-    /// RFC 3339, UTC, milliseconds.
-    pub attempted_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub status_code: Option<i32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    pub duration_ms: i64,
+#[derive(Debug, Clone)]
+pub(crate) struct AttemptRecord {
+    pub(crate) attempt: i32,
+    pub(crate) attempted_at: DateTime<Utc>,
+    pub(crate) status_code: Option<i32>,
+    pub(crate) error: Option<String>,
+    pub(crate) duration_ms: i64,
 }
 
 /// One event in the delivery log.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct WebhookLogEntry {
-    pub webhook_id: String,
-    /// `video_generation_completed` or `video_generation_progress`.
-    pub webhook_type: String,
-    /// `progress`, `completed`, `failed` or `cancelled`.
-    pub event: String,
+#[derive(Debug, Clone)]
+pub(crate) struct DeliveryRecord {
+    pub(crate) webhook_id: String,
+    pub(crate) event: WebhookEvent,
     /// `pending`, `delivered`, `failed` or `dropped`.
-    pub status: String,
+    pub(crate) status: String,
     /// When the next attempt is due, while pending.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<String>,
-    /// When the event happened (the payload's `timestamp`).
-    pub occurred_at: String,
-    pub url: String,
-    pub attempts: Vec<AttemptView>,
+    pub(crate) next_attempt_at: Option<DateTime<Utc>>,
+    pub(crate) occurred_at: DateTime<Utc>,
+    pub(crate) url: String,
+    pub(crate) attempts: Vec<AttemptRecord>,
 }
 
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct WebhookLog {
-    pub data: Vec<WebhookLogEntry>,
+/// What a redelivery queued.
+#[derive(Debug, Clone)]
+pub(crate) struct Redelivered {
+    pub(crate) webhook_id: String,
+    pub(crate) event: WebhookEvent,
 }
 
-fn fmt(at: &DateTime<Utc>) -> String {
-    conduit_core::time::format_millis(at)
-}
-
-/// The delivery log of a task the caller owns (`None` when it does not).
-pub async fn delivery_log(
-    pool: &Pool,
-    caller: &Caller,
+/// The delivery log of `task_id`, oldest event first.
+pub(super) async fn delivery_log(
+    client: &impl GenericClient,
     task_id: Uuid,
-) -> Result<Option<WebhookLog>, ApiError> {
-    let client = pool.get().await?;
-    if crate::tasks::get(&client, caller.key_id, task_id)
-        .await?
-        .is_none()
-    {
-        return Ok(None);
-    }
+) -> anyhow::Result<Vec<DeliveryRecord>> {
     let events = client
         .query(
             "SELECT webhook_id, event, status, next_attempt_at, occurred_at, url
@@ -155,62 +137,54 @@ pub async fn delivery_log(
         )
         .await
         .context("reading webhook attempts")?;
-    let mut by_id: HashMap<String, Vec<AttemptView>> = HashMap::new();
+    let mut by_id: HashMap<String, Vec<AttemptRecord>> = HashMap::new();
     for a in &attempts {
-        by_id.entry(a.get(0)).or_default().push(AttemptView {
+        by_id.entry(a.get(0)).or_default().push(AttemptRecord {
             attempt: a.get(1),
-            attempted_at: fmt(&a.get(2)),
+            attempted_at: a.get(2),
             status_code: a.get(3),
             error: a.get(4),
             duration_ms: a.get(5),
         });
     }
-    let data = events
-        .iter()
-        .map(|r| {
-            let id: String = r.get(0);
-            let event: String = r.get(1);
-            let status: String = r.get(2);
-            let next: Option<DateTime<Utc>> = r.get(3);
-            WebhookLogEntry {
-                webhook_type: WebhookEvent::parse(&event)
-                    .map(|e| e.webhook_type().to_owned())
-                    .unwrap_or_default(),
-                next_attempt_at: next.filter(|_| status == "pending").map(|t| fmt(&t)),
-                occurred_at: fmt(&r.get(4)),
-                url: r.get(5),
-                attempts: by_id.remove(&id).unwrap_or_default(),
-                webhook_id: id,
-                event,
-                status,
-            }
-        })
-        .collect();
-    Ok(Some(WebhookLog { data }))
-}
-
-/// What a redelivery queued.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct Redelivery {
-    pub webhook_id: String,
-    pub event: String,
-    pub status: String,
+    let mut log = Vec::with_capacity(events.len());
+    for r in &events {
+        let id: String = r.get(0);
+        let event: String = r.get(1);
+        let status: String = r.get(2);
+        let next: Option<DateTime<Utc>> = r.get(3);
+        log.push(DeliveryRecord {
+            event: WebhookEvent::parse(&event)
+                .with_context(|| format!("unknown webhook event {event:?} in the database"))?,
+            next_attempt_at: next.filter(|_| status == "pending"),
+            occurred_at: r.get(4),
+            url: r.get(5),
+            attempts: by_id.remove(&id).unwrap_or_default(),
+            webhook_id: id,
+            status,
+        });
+    }
+    Ok(log)
 }
 
 /// Sends the task's latest terminal webhook again: same `webhook-id`, fresh schedule.
-pub async fn redeliver(
+pub(super) async fn redeliver(
     pool: &Pool,
-    caller: &Caller,
+    key_id: Uuid,
     task_id: Uuid,
-) -> Result<Redelivery, ApiError> {
+) -> Result<Redelivered, LedgerError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await.context("starting redelivery")?;
-    if crate::tasks::get(&tx, caller.key_id, task_id)
-        .await?
-        .is_none()
-    {
-        return Err(ApiError::not_found_task());
-    }
+    let secret: String = tx
+        .query_opt(
+            "SELECT k.webhook_secret FROM tasks t JOIN api_keys k ON k.id = t.api_key_id
+             WHERE t.id = $1 AND t.api_key_id = $2",
+            &[&task_id, &key_id],
+        )
+        .await
+        .context("looking up the task")?
+        .ok_or(LedgerError::NotFound)?
+        .get(0);
     let row = tx
         .query_opt(
             "SELECT webhook_id, event, body, url, headers, occurred_at FROM webhook_events
@@ -220,9 +194,7 @@ pub async fn redeliver(
         )
         .await
         .context("finding the latest terminal webhook")?
-        .ok_or_else(|| {
-            ApiError::InvalidOperation("The task has no terminal webhook to redeliver".into())
-        })?;
+        .ok_or(LedgerError::NoTerminalWebhook)?;
     let event_name: String = row.get(1);
     let event = WebhookEvent::parse(&event_name)
         .with_context(|| format!("unknown webhook event {event_name:?} in the database"))?;
@@ -234,7 +206,7 @@ pub async fn redeliver(
         event,
         url: row.get(3),
         headers: serde_json::from_value::<BTreeMap<String, String>>(headers).unwrap_or_default(),
-        secret: caller.webhook_secret.clone(),
+        secret,
         body: row.get(2),
         occurred_at: row.get(5),
         attempts_made: 0,
@@ -248,16 +220,15 @@ pub async fn redeliver(
     .context("resetting the webhook for redelivery")?;
     outbox::enqueue(&tx, &delivery_outgoing(&delivery)?).await?;
     tx.commit().await.context("committing redelivery")?;
-    Ok(Redelivery {
+    Ok(Redelivered {
         webhook_id: delivery.webhook_id,
-        event: event_name,
-        status: "pending".into(),
+        event,
     })
 }
 
 /// Records one attempt outcome. Idempotent: a duplicate outcome changes nothing, and an
 /// outcome older than the one already applied never overwrites the event's state.
-pub async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> anyhow::Result<bool> {
+pub(super) async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> anyhow::Result<bool> {
     let client = pool.get().await.context("connecting to the database")?;
     let stmt = client
         .prepare_cached(
