@@ -166,7 +166,7 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
     }
     h.finals(&ids, Duration::from_secs(20)).await;
     let cases: Vec<serde_json::Value> = receiver
-        .requests()
+        .received()
         .iter()
         .map(|r| {
             let headers: serde_json::Map<String, serde_json::Value> = r
