@@ -211,6 +211,7 @@ fn job() -> Outgoing {
             seed: None,
         },
         submitted_at: now_millis(),
+        checkpoint: None,
     };
     Outgoing::json(route::JOBS, &job)
         .map(|o| o.for_task(task_id).with_message_id(format!("{task_id}:1")))
@@ -658,6 +659,7 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
         occurred_at: now_millis(),
         attempts_made: 0,
         not_before: None,
+        video_link: None,
     };
     let out = Outgoing::json(route::WEBHOOKS, &d)
         .map(|o| o.for_task(task_id).with_message_id(webhook_id.clone()))

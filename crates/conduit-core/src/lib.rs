@@ -17,6 +17,7 @@ pub mod telemetry;
 pub mod testing;
 pub mod time;
 pub mod topology;
+pub mod video_links;
 
 pub use broker::{Broker, ConsumeLimits, Disposition, Incoming, Outgoing, Source, Target};
 pub use config::{Secret, Service, Settings};

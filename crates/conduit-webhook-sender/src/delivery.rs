@@ -297,7 +297,13 @@ impl Deliverer {
     ) -> Option<Attempt> {
         let attempted_at = now_millis();
         let timestamp = attempted_at.timestamp();
-        let signature = key.sign(&d.webhook_id, timestamp, &d.body);
+        // A `video_url` in the body is signed afresh, so it lives for the URL lifetime
+        // from this attempt on however late the attempt is.
+        let body = match &d.video_link {
+            Some(link) => link.refresh(&d.body, d.task_id, attempted_at),
+            None => d.body.clone(),
+        };
+        let signature = key.sign(&d.webhook_id, timestamp, &body);
         let headers = request_headers(d, timestamp, &signature);
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
@@ -305,7 +311,7 @@ impl Deliverer {
             .http
             .post(url)
             .headers(headers)
-            .body(d.body.clone())
+            .body(body)
             .send();
         let response = tokio::select! {
             r = exchange(request) => r,
@@ -745,6 +751,7 @@ mod tests {
             occurred_at: now_millis(),
             attempts_made: 0,
             not_before: None,
+            video_link: None,
         }
     }
 

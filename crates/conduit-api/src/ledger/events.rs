@@ -199,7 +199,7 @@ pub(super) async fn apply(
             .await
             .context("completing the task")?;
             if task.wants(WebhookEvent::Completed) {
-                let url = links.url_for(task.id, video_key, at, Utc::now()).await?;
+                let url = links.url_for(task.id, at, Utc::now());
                 Some(WebhookPayload::Completed(CompletedPayload::new(
                     task.id,
                     at,
@@ -234,7 +234,11 @@ pub(super) async fn apply(
         }
     };
     if let Some(payload) = &payload {
-        webhooks::record_event(&tx, &task, &secret, payload, at).await?;
+        let video_link = match payload {
+            WebhookPayload::Completed(done) => Some(links.signer(task.id, done.video_url.clone())),
+            _ => None,
+        };
+        webhooks::record_event(&tx, &task, &secret, payload, at, video_link).await?;
     }
     tx.commit().await.context("committing ledger transaction")?;
     Ok(Applied::Applied {

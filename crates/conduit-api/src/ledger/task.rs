@@ -145,6 +145,7 @@ impl TaskRow {
                 seed: self.seed,
             },
             submitted_at: self.updated_at,
+            checkpoint: None,
         }
     }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use conduit_core::{
-    messages::{AttemptOutcome, WebhookDelivery, SCHEMA_VERSION},
+    messages::{AttemptOutcome, VideoLinkSigner, WebhookDelivery, SCHEMA_VERSION},
     payload::{WebhookEvent, WebhookPayload},
     time::now_millis,
     topology::route,
@@ -17,6 +17,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use uuid::Uuid;
 
 use super::{outbox, task::TaskRow, LedgerError};
+use crate::links::VideoLinks;
 
 /// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
 fn new_webhook_id() -> String {
@@ -37,6 +38,7 @@ pub(super) async fn record_event(
     secret: &str,
     payload: &WebhookPayload,
     occurred_at: DateTime<Utc>,
+    video_link: Option<VideoLinkSigner>,
 ) -> anyhow::Result<String> {
     let url = task
         .webhook_url
@@ -54,6 +56,7 @@ pub(super) async fn record_event(
         occurred_at,
         attempts_made: 0,
         not_before: None,
+        video_link,
     };
     let stmt = client
         .prepare_cached(
@@ -170,6 +173,7 @@ pub(super) async fn delivery_log(
 /// Sends the task's latest terminal webhook again: same `webhook-id`, fresh schedule.
 pub(super) async fn redeliver(
     pool: &Pool,
+    links: &VideoLinks,
     key_id: Uuid,
     task_id: Uuid,
 ) -> Result<Redelivered, LedgerError> {
@@ -199,6 +203,13 @@ pub(super) async fn redeliver(
     let event = WebhookEvent::parse(&event_name)
         .with_context(|| format!("unknown webhook event {event_name:?} in the database"))?;
     let headers: serde_json::Value = row.get(4);
+    let body: String = row.get(2);
+    // A completed event's link is signed afresh by the sender at each attempt.
+    let video_link = (event == WebhookEvent::Completed)
+        .then(|| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .flatten()
+        .and_then(|v| v.get("video_url")?.as_str().map(str::to_owned))
+        .map(|url| links.signer(task_id, url));
     let delivery = WebhookDelivery {
         v: SCHEMA_VERSION,
         webhook_id: row.get(0),
@@ -207,10 +218,11 @@ pub(super) async fn redeliver(
         url: row.get(3),
         headers: serde_json::from_value::<BTreeMap<String, String>>(headers).unwrap_or_default(),
         secret,
-        body: row.get(2),
+        body,
         occurred_at: row.get(5),
         attempts_made: 0,
         not_before: None,
+        video_link,
     };
     tx.execute(
         "UPDATE webhook_events SET status = 'pending', next_attempt_at = $2 WHERE webhook_id = $1",

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::{multipart::Form, Method};
 use serde::Deserialize;
@@ -31,6 +31,8 @@ use super::{
 pub const DEFAULT_MODEL: &str = "sora-2";
 
 const NAME: &str = "The OpenAI-compatible server";
+/// The provider name jobs carry.
+const PROVIDER: &str = "openai";
 
 pub struct OpenAiProvider {
     up: Upstream,
@@ -154,33 +156,56 @@ impl Provider for OpenAiProvider {
         let model = self.upstream_model(job);
         let seconds = job.spec.duration_seconds.to_string();
         let size = format!("{}x{}", job.spec.width, job.spec.height);
-        let created = up
-            .call(
-                cancel,
-                "create the video",
-                || {
-                    let form = Form::new()
-                        .text("model", model.clone())
-                        .text("prompt", job.prompt.clone())
-                        .text("seconds", seconds.clone())
-                        .text("size", size.clone());
-                    up.request(Method::POST, "/v1/videos").multipart(form)
-                },
-                |reply| video_step(reply, "create request"),
-            )
+        // The create answer's state, for a job created by this run.
+        let mut first: Option<Video> = None;
+        let slot = &mut first;
+        let (model, seconds, size) = (&model, &seconds, &size);
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(PROVIDER, cancel, || async move {
+                let created = up
+                    .call(
+                        cancel,
+                        "create the video",
+                        || {
+                            let form = Form::new()
+                                .text("model", model.clone())
+                                .text("prompt", job.prompt.clone())
+                                .text("seconds", seconds.clone())
+                                .text("size", size.clone());
+                            up.request(Method::POST, "/v1/videos").multipart(form)
+                        },
+                        |reply| video_step(reply, "create request"),
+                    )
+                    .await?;
+                let job = UpstreamJob {
+                    provider: PROVIDER.into(),
+                    id: created.id.clone(),
+                    extra: BTreeMap::new(),
+                };
+                *slot = Some(created);
+                Ok(job)
+            })
             .await?;
-        let id = created.id;
-        info!(provider = "openai", upstream_video_id = %id, "video job created");
+        let id = upstream.id;
+        if resumed {
+            info!(provider = PROVIDER, upstream_video_id = %id, "resuming the video job");
+        } else {
+            info!(provider = PROVIDER, upstream_video_id = %id, "video job created");
+        }
         // From here on, a task the worker stops waiting for deletes its upstream job.
         let mut stop = up.stop_on_drop(
+            &ctx,
             format!("deleting video job {id} upstream"),
             up.stop_request(Method::DELETE, &format!("/v1/videos/{id}")),
         );
 
         let path = format!("/v1/videos/{id}");
-        let mut status = created.status;
-        let mut progress = created.progress;
-        let mut error = created.error;
+        // A resumed job's state is unknown until the first poll: wait for it as queued.
+        let (mut status, mut progress, mut error) = match first {
+            Some(created) => (created.status, created.progress, created.error),
+            None => ("queued".to_owned(), None, None),
+        };
         let mut poller = Poller::new(up);
         loop {
             match status.as_str() {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::Method;
 use serde::Deserialize;
@@ -27,6 +27,9 @@ use super::{
     http::{Poller, ProgressEstimate, Reply, Step, Upstream},
     GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate, Provider,
 };
+
+/// The provider name jobs carry.
+const PROVIDER: &str = "replicate";
 
 pub struct ReplicateProvider {
     up: Upstream,
@@ -199,24 +202,56 @@ impl Provider for ReplicateProvider {
         let up = &self.up;
         let cancel = &ctx.cancel;
         let (create_path, body) = self.create_request(job)?;
-        let created = up
-            .call(
-                cancel,
-                "create the prediction",
-                || up.request(Method::POST, &create_path).json(&body),
-                |reply| prediction_step(reply, "create request"),
-            )
+        let mut first: Option<Prediction> = None;
+        let slot = &mut first;
+        let (create_path, body) = (&create_path, &body);
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(PROVIDER, cancel, || async move {
+                let created = up
+                    .call(
+                        cancel,
+                        "create the prediction",
+                        || up.request(Method::POST, create_path).json(body),
+                        |reply| prediction_step(reply, "create request"),
+                    )
+                    .await?;
+                let job = UpstreamJob {
+                    provider: PROVIDER.into(),
+                    id: created.id.clone(),
+                    extra: BTreeMap::new(),
+                };
+                *slot = Some(created);
+                Ok(job)
+            })
             .await?;
-        let id = created.id.clone();
-        info!(provider = "replicate", prediction_id = %id, "prediction created");
+        let id = upstream.id;
+        if resumed {
+            info!(provider = PROVIDER, prediction_id = %id, "resuming the prediction");
+        } else {
+            info!(provider = PROVIDER, prediction_id = %id, "prediction created");
+        }
         // From here on, a task the worker stops waiting for cancels the prediction.
         let mut stop = up.stop_on_drop(
+            &ctx,
             format!("cancelling prediction {id}"),
             up.stop_request(Method::POST, &format!("/v1/predictions/{id}/cancel")),
         );
 
         let path = format!("/v1/predictions/{id}");
-        let mut prediction = created;
+        let mut prediction = match first {
+            Some(created) => created,
+            // A resumed prediction: where it stands now.
+            None => {
+                up.call(
+                    cancel,
+                    "check the prediction",
+                    || up.request(Method::GET, &path),
+                    |reply| prediction_step(reply, "status request"),
+                )
+                .await?
+            }
+        };
         let mut poller = Poller::new(up);
         let mut estimate = ProgressEstimate::default();
         let url = loop {

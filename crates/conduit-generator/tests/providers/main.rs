@@ -20,6 +20,7 @@ use conduit_core::{
 };
 use conduit_generator::providers::{
     GeneratedVideo, GenerationContext, GenerationError, ProgressReporter, ProgressUpdate, Provider,
+    UpstreamCheckpoint,
 };
 use conduit_system_tests::fakes::FakeProvider;
 use tokio_util::sync::CancellationToken;
@@ -65,6 +66,7 @@ pub fn job(
             seed: None,
         },
         submitted_at: conduit_core::time::now_millis(),
+        checkpoint: None,
     }
 }
 
@@ -113,6 +115,7 @@ fn context(cancel: CancellationToken) -> (GenerationContext, Arc<Mutex<Vec<Progr
             sink.lock().expect("progress").push(update);
         }),
         cancel,
+        upstream: UpstreamCheckpoint::none(),
     };
     (ctx, progress)
 }

@@ -287,6 +287,7 @@ pub fn delivery_of(url: &str, payload: &WebhookPayload) -> WebhookDelivery {
         occurred_at,
         attempts_made: 0,
         not_before: None,
+        video_link: None,
     }
 }
 
