@@ -141,11 +141,7 @@ async fn a_cancel_holds_for_generators_started_after_it() {
 
 /// Kills the generator while it polls `fake`'s job, starts it again, and checks the
 /// attempt completes with the one upstream job it submitted.
-async fn a_killed_poller_resumes_the_upstream_job(
-    protocol: Protocol,
-    provider: &str,
-    body: Value,
-) {
+async fn a_killed_poller_resumes_the_upstream_job(protocol: Protocol, provider: &str, body: Value) {
     let fake = FakeProvider::start(protocol, KEY);
     fake.set_default(Scenario {
         running_polls: 60,
@@ -168,7 +164,10 @@ async fn a_killed_poller_resumes_the_upstream_job(
 
     assert_eq!(fake.submits(), 1, "{provider}: upstream submissions");
     let job = fake.job_for(&prompt).expect("the upstream job");
-    assert!(job.polls > 3, "{provider}: the job was not polled after the takeover");
+    assert!(
+        job.polls > 3,
+        "{provider}: the job was not polled after the takeover"
+    );
     let url = task["video_url"].as_str().expect("a video_url");
     let video = reqwest::get(url)
         .await
@@ -267,10 +266,7 @@ async fn late_attempts_and_redeliveries_carry_a_working_link() {
     const TTL: u64 = 3;
     let stack = Stack::start_with(StackOptions {
         retry_schedule: "0s,8s".into(),
-        env: vec![(
-            "CONDUIT__STORAGE__URL_TTL_SECONDS".into(),
-            TTL.to_string(),
-        )],
+        env: vec![("CONDUIT__STORAGE__URL_TTL_SECONDS".into(), TTL.to_string())],
         ..StackOptions::default()
     })
     .await;
@@ -286,20 +282,28 @@ async fn late_attempts_and_redeliveries_carry_a_working_link() {
         }))
         .await;
     let completed = |h: &ReceivedWebhook| h.json()["status"] == "completed";
-    let late = eventually("the second attempt of the completed webhook", LONG, || async {
-        let hooks: Vec<_> = hooks_of(&receiver, &task_id)
-            .into_iter()
-            .filter(completed)
-            .collect();
-        (hooks.len() >= 2).then_some(hooks)
-    })
+    let late = eventually(
+        "the second attempt of the completed webhook",
+        LONG,
+        || async {
+            let hooks: Vec<_> = hooks_of(&receiver, &task_id)
+                .into_iter()
+                .filter(completed)
+                .collect();
+            (hooks.len() >= 2).then_some(hooks)
+        },
+    )
     .await;
     let (first, second) = (&late[0], &late[1]);
     let second_url = second.json()["video_url"]
         .as_str()
         .expect("video_url")
         .to_owned();
-    assert_eq!(fetch_status(&second_url).await, 200, "the late attempt's link");
+    assert_eq!(
+        fetch_status(&second_url).await,
+        200,
+        "the late attempt's link"
+    );
     let first_url = first.json()["video_url"]
         .as_str()
         .expect("video_url")

@@ -64,7 +64,12 @@ impl VideoLinks {
     }
 
     pub(crate) fn verify(&self, task_id: Uuid, expires: i64, signature: &str) -> bool {
-        if verify_link(&task_link_key(&self.key, task_id), task_id, expires, signature) {
+        if verify_link(
+            &task_link_key(&self.key, task_id),
+            task_id,
+            expires,
+            signature,
+        ) {
             return true;
         }
         let Ok(raw) = hex::decode(signature) else {

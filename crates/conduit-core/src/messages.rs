@@ -329,6 +329,9 @@ mod tests {
         });
         let job: JobMessage = serde_json::from_value(json).unwrap();
         assert_eq!(job.checkpoint, None);
-        assert!(serde_json::to_value(&job).unwrap().get("checkpoint").is_none());
+        assert!(serde_json::to_value(&job)
+            .unwrap()
+            .get("checkpoint")
+            .is_none());
     }
 }

@@ -130,7 +130,8 @@ mod tests {
         let base = format!("http://h/v1/videos/files/{task}");
         let key = task_link_key(b"m", task);
         let old = link(&base, &key, task, 50);
-        let body = serde_json::json!({"video_url": old, "prompt": "a \"quoted\" prompt"}).to_string();
+        let body =
+            serde_json::json!({"video_url": old, "prompt": "a \"quoted\" prompt"}).to_string();
         let signer = VideoLinkSigner::new(b"m", task, base.clone(), old.clone(), 60);
         let now = DateTime::from_timestamp(1_000, 0).unwrap();
         let fresh = signer.refresh(&body, task, now);

@@ -307,12 +307,7 @@ impl Deliverer {
         let headers = request_headers(d, timestamp, &signature);
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
-        let request = self
-            .http
-            .post(url)
-            .headers(headers)
-            .body(body)
-            .send();
+        let request = self.http.post(url).headers(headers).body(body).send();
         let response = tokio::select! {
             r = exchange(request) => r,
             () = async {

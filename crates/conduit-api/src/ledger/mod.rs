@@ -204,7 +204,9 @@ impl TaskLedger {
                 Ok(Err(err)) => {
                     warn!(%task_id, error = %format!("{err:#}"), "could not publish the cancel at once; the outbox will")
                 }
-                Err(_) => warn!(%task_id, "the cancel's publish was not confirmed in time; the outbox will publish it"),
+                Err(_) => {
+                    warn!(%task_id, "the cancel's publish was not confirmed in time; the outbox will publish it")
+                }
             }
         }
         Ok(task)

@@ -336,7 +336,10 @@ impl Upstream {
         let upstream = ctx.upstream.clone();
         StopGuard(Some(Box::pin(async move {
             if upstream.handing_back() {
-                tracing::info!(provider = name, "{what}: skipped, the attempt is handed back");
+                tracing::info!(
+                    provider = name,
+                    "{what}: skipped, the attempt is handed back"
+                );
                 return;
             }
             match tokio::time::timeout(Duration::from_secs(30), stop).await {

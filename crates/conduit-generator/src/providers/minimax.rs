@@ -231,11 +231,15 @@ impl Provider for MiniMaxProvider {
                                 return step;
                             }
                             match reply.json::<Created>() {
-                                Err(e) => Step::Fail(format!("MiniMax answered the submit with {e}")),
-                                Ok(c) if c.base_resp.status_code != 0 => base_resp_step(&c.base_resp),
-                                Ok(c) if c.task_id.is_empty() => {
-                                    Step::Fail("MiniMax answered the submit without a task_id".into())
+                                Err(e) => {
+                                    Step::Fail(format!("MiniMax answered the submit with {e}"))
                                 }
+                                Ok(c) if c.base_resp.status_code != 0 => {
+                                    base_resp_step(&c.base_resp)
+                                }
+                                Ok(c) if c.task_id.is_empty() => Step::Fail(
+                                    "MiniMax answered the submit without a task_id".into(),
+                                ),
                                 Ok(c) => Step::Done(c.task_id),
                             }
                         },

@@ -72,9 +72,8 @@ pub struct GenerationContext {
     pub upstream: UpstreamCheckpoint,
 }
 
-type RecordFn = dyn Fn(UpstreamJob) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>
-    + Send
-    + Sync;
+type RecordFn =
+    dyn Fn(UpstreamJob) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> + Send + Sync;
 
 /// An attempt's upstream job: the one an earlier run of the attempt submitted, and the
 /// way to make a newly submitted one durable (the worker publishes a checkpoint of the

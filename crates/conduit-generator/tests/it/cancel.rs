@@ -92,7 +92,10 @@ async fn a_cancel_sent_before_any_generator_started_holds() {
     let app = h.start_app().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while app.metric("conduit_generator_jobs_cancelled_total").await < 1.0 {
-        assert!(Instant::now() < deadline, "the cancelled job was not skipped");
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled job was not skipped"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(h.broker.queue_depth(route::JOBS).await.expect("depth"), 0);
@@ -104,9 +107,7 @@ async fn a_cancel_sent_before_any_generator_started_holds() {
         app.metric("conduit_generator_jobs_started_total").await,
         0.0
     );
-    assert!(!h
-        .stored_path(&video_key(job.task_id, job.attempt))
-        .exists());
+    assert!(!h.stored_path(&video_key(job.task_id, job.attempt)).exists());
     app.stop().await;
     h.cleanup().await;
 }
