@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "no per-row key checks",
         include_str!("../migrations/0002_no_per_row_key_checks.sql"),
     ),
+    (
+        4,
+        "stream events",
+        include_str!("../migrations/0004_stream_events.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

@@ -14,11 +14,12 @@ use anyhow::Context;
 use chrono::Utc;
 use conduit_core::{
     messages::{StatusEvent, StatusKind},
-    payload::{CompletedPayload, FailedPayload, ProgressPayload, WebhookEvent, WebhookPayload},
+    payload::{CompletedPayload, FailedPayload, ProgressPayload, WebhookPayload},
 };
 use deadpool_postgres::Pool;
 
 use super::{
+    stream,
     task::{TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks,
 };
@@ -67,7 +68,10 @@ pub(super) fn judge(
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Applied {
-    Applied { webhook: bool },
+    /// `outbox`: the event wrote messages to the outbox (the stream, maybe a webhook).
+    Applied {
+        outbox: bool,
+    },
     Dropped(Drop),
 }
 
@@ -167,15 +171,13 @@ pub(super) async fn apply(
             )
             .await
             .context("recording progress")?;
-            task.wants(WebhookEvent::Progress).then(|| {
-                WebhookPayload::Progress(ProgressPayload::new(
-                    task.id,
-                    at,
-                    percent,
-                    message.clone(),
-                    *eta_seconds,
-                ))
-            })
+            Some(WebhookPayload::Progress(ProgressPayload::new(
+                task.id,
+                at,
+                percent,
+                message.clone(),
+                *eta_seconds,
+            )))
         }
         StatusKind::Completed {
             video_key,
@@ -198,19 +200,15 @@ pub(super) async fn apply(
             )
             .await
             .context("completing the task")?;
-            if task.wants(WebhookEvent::Completed) {
-                let url = links.url_for(task.id, video_key, at, Utc::now()).await?;
-                Some(WebhookPayload::Completed(CompletedPayload::new(
-                    task.id,
-                    at,
-                    url,
-                    *generation_duration_seconds,
-                    task.model.clone(),
-                    task.prompt.clone(),
-                )))
-            } else {
-                None
-            }
+            let url = links.url_for(task.id, video_key, at, Utc::now()).await?;
+            Some(WebhookPayload::Completed(CompletedPayload::new(
+                task.id,
+                at,
+                url,
+                *generation_duration_seconds,
+                task.model.clone(),
+                task.prompt.clone(),
+            )))
         }
         StatusKind::Failed { error } => {
             tx.execute(
@@ -222,23 +220,27 @@ pub(super) async fn apply(
             )
             .await
             .context("failing the task")?;
-            task.wants(WebhookEvent::Failed).then(|| {
-                WebhookPayload::Failed(FailedPayload::failed(
-                    task.id,
-                    at,
-                    error.clone(),
-                    task.model.clone(),
-                    task.prompt.clone(),
-                ))
-            })
+            Some(WebhookPayload::Failed(FailedPayload::failed(
+                task.id,
+                at,
+                error.clone(),
+                task.model.clone(),
+                task.prompt.clone(),
+            )))
         }
     };
+    // Every event a webhook would carry goes to the stream, whatever the task's
+    // webhook settings; the webhook, when the task wants it, shares the event's id.
     if let Some(payload) = &payload {
-        webhooks::record_event(&tx, &task, &secret, payload, at).await?;
+        let event_id = stream::new_event_id();
+        if task.wants(payload.event()) {
+            webhooks::record_event(&tx, &task, &secret, &event_id, payload, at).await?;
+        }
+        stream::record(&tx, &task, &event_id, payload, at).await?;
     }
     tx.commit().await.context("committing ledger transaction")?;
     Ok(Applied::Applied {
-        webhook: payload.is_some(),
+        outbox: payload.is_some(),
     })
 }
 

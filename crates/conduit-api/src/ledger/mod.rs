@@ -12,6 +12,7 @@
 mod events;
 mod lifecycle;
 mod outbox;
+mod stream;
 mod submits;
 mod task;
 mod webhooks;
@@ -31,6 +32,7 @@ use uuid::Uuid;
 
 pub(crate) use events::Applied;
 pub(crate) use outbox::OutboxRelay;
+pub(crate) use stream::{Only, StreamEvent, RESUME_WINDOW};
 pub(crate) use submits::SubmitWriter;
 pub(crate) use task::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents};
 pub(crate) use webhooks::{DeliveryRecord, Redelivered};
@@ -201,7 +203,7 @@ impl TaskLedger {
     /// Applies a generator's status event.
     pub(crate) async fn apply_status(&self, event: &StatusEvent) -> Result<Applied, LedgerError> {
         let applied = events::apply(&self.pool, &self.links, event).await?;
-        if matches!(applied, Applied::Applied { webhook: true }) {
+        if matches!(applied, Applied::Applied { outbox: true }) {
             self.wake_relay();
         }
         Ok(applied)
