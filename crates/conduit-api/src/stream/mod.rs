@@ -302,6 +302,11 @@ impl Follower {
         }
     }
 
+    /// Cancelled once the hub finds this connection too slow for its live events.
+    pub(crate) fn slow(&self) -> CancellationToken {
+        self.sub.slow.clone()
+    }
+
     pub(crate) fn ledger(&self) -> &TaskLedger {
         &self.ledger
     }

@@ -13,8 +13,9 @@ use std::{sync::Arc, time::Duration};
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Message, MessageStream, Session};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, Instrument};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{Follow, Follower, Wake};
@@ -58,6 +59,31 @@ pub(crate) fn frame(event: &StreamEvent) -> String {
 #[serde(deny_unknown_fields)]
 struct ClientMessage {
     subscribe: Option<Vec<Uuid>>,
+    resume_after: Option<String>,
+}
+
+/// A frame the server sends on `GET /v1/stream`: one event.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StreamFrame {
+    /// The event id: the SSE `id:` and the webhook's `webhook-id`.
+    id: String,
+    /// `progress`, `completed`, `failed` or `cancelled`.
+    #[serde(rename = "type")]
+    kind: String,
+    /// The exact webhook payload.
+    #[schema(value_type = Object)]
+    data: serde_json::Value,
+}
+
+/// A message a client may send on `GET /v1/stream`; both keys may come together.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StreamRequest {
+    /// Only these tasks from now on; an empty list follows every task again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subscribe: Option<Vec<Uuid>>,
+    /// Replay every followed event after this event id (up to 24 h back) before the
+    /// live ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
     resume_after: Option<String>,
 }
 
@@ -164,7 +190,7 @@ pub(crate) async fn stream(
             };
             if let Some(reason) = reason {
                 // A client that reads nothing cannot take the close frame either.
-                let _ = tokio::time::timeout(Duration::from_secs(5), conn.session.close(Some(reason)))
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn.session.close(Some(reason)))
                     .await;
             }
             gauge.dec();
@@ -196,9 +222,20 @@ enum Stop {
 }
 
 impl Connection {
+    /// Sends `events` in order. Live events give up as soon as the hub finds the
+    /// client too slow; history (read from the database) only on the send timeout.
     async fn send(&mut self, events: &[Arc<StreamEvent>], source: &str) -> Result<(), Stop> {
+        let slow = (source == "live").then(|| self.follower.slow());
         for event in events {
-            match tokio::time::timeout(SEND_TIMEOUT, self.session.text(frame(event))).await {
+            let sending = tokio::time::timeout(SEND_TIMEOUT, self.session.text(frame(event)));
+            let sent = match &slow {
+                Some(slow) => tokio::select! {
+                    sent = sending => sent,
+                    () = slow.cancelled() => return Err(Stop::Slow),
+                },
+                None => sending.await,
+            };
+            match sent {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return Err(Stop::Gone),
                 Err(_) => return Err(Stop::Slow),
