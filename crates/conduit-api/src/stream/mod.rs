@@ -282,6 +282,10 @@ pub(crate) struct Follower {
     pub(crate) follow: Follow,
     /// The key's position handled last (sent, or not followed).
     pub(crate) cursor: i64,
+    /// A live event taken from the channel whose ordering was interrupted (the caller's
+    /// `select!` dropped [`Follower::next`] while it read history): handled first next
+    /// time, so nothing taken is lost.
+    pending: Option<Arc<StreamEvent>>,
 }
 
 impl Follower {
@@ -299,6 +303,7 @@ impl Follower {
             key_id,
             follow,
             cursor,
+            pending: None,
         }
     }
 
@@ -349,9 +354,17 @@ impl Follower {
         true
     }
 
-    /// Waits for the next thing to do.
+    /// Waits for the next thing to do. Safe to drop at any await point.
     pub(crate) async fn next(&mut self) -> Result<Wake, LedgerError> {
         loop {
+            if let Some(event) = self.pending.clone() {
+                let taken = self.take(event).await?;
+                self.pending = None;
+                if let Some(events) = taken {
+                    return Ok(Wake::Events(events));
+                }
+                continue;
+            }
             let event = tokio::select! {
                 biased;
                 () = self.sub.slow.cancelled() => return Ok(Wake::Slow),
@@ -367,13 +380,12 @@ impl Follower {
                     None => return Ok(Wake::Slow),
                 },
             };
-            if let Some(events) = self.take(event).await? {
-                return Ok(Wake::Events(events));
-            }
+            self.pending = Some(event);
         }
     }
 
-    /// Orders one live event: `None` when there is nothing to send for it.
+    /// Orders one live event: `None` when there is nothing to send for it. The cursor
+    /// moves only at the end, so an interrupted call can simply be made again.
     async fn take(
         &mut self,
         event: Arc<StreamEvent>,
@@ -382,11 +394,20 @@ impl Follower {
             return Ok(None);
         }
         let mut out = Vec::new();
-        if event.position > self.cursor + 1 {
-            // Positions are dense and committed in order: the ones between exist.
-            while self.cursor < event.position - 1 {
-                out.extend(self.history_page(event.position - 1).await?);
-            }
+        // Positions are dense and committed in order: the ones between exist.
+        let upto = event.position - 1;
+        let mut at = self.cursor;
+        while at < upto {
+            let page = self
+                .ledger
+                .stream_page(self.key_id, at, upto, self.follow.only(), PAGE)
+                .await?;
+            at = if (page.len() as i64) < PAGE {
+                upto
+            } else {
+                page.last().map_or(upto, |e| e.position)
+            };
+            out.extend(page.into_iter().map(Arc::new));
         }
         self.cursor = event.position;
         if self.follow.wants(event.task_id) {
