@@ -166,17 +166,31 @@ pub async fn run(mode: Mode, pace: Option<f64>, env: &Env) -> anyhow::Result<Str
     let (key, _) = env
         .create_key()
         .context("creating the stream phase's key")?;
+    // The idle connections belong to another key: they get no events (a connection
+    // receives every event of its key's tasks).
+    let (idle_key, _) = env
+        .create_key()
+        .context("creating the idle connections' key")?;
     let mut api = env.spawn("conduit-api", 9, &[])?;
     api.wait_ready(READY).await?;
     let api_pid = api.pid().context("conduit-api has no pid")?;
     let mut sender = env.spawn("conduit-webhook-sender", 9, &[])?;
     sender.wait_ready(READY).await?;
     let shutdown = CancellationToken::new();
-    let result = measure(&sizes, &api, api_pid, &sender, &key, env, &shutdown).await;
+    let keys = Keys {
+        measured: &key,
+        idle: &idle_key,
+    };
+    let result = measure(&sizes, &api, api_pid, &sender, keys, env, &shutdown).await;
     shutdown.cancel();
     sender.stop(STOP_GRACE);
     api.stop(STOP_GRACE);
     result
+}
+
+struct Keys<'a> {
+    measured: &'a str,
+    idle: &'a str,
 }
 
 async fn measure(
@@ -184,16 +198,17 @@ async fn measure(
     api: &Proc,
     api_pid: u32,
     sender: &Proc,
-    key: &str,
+    keys: Keys<'_>,
     env: &Env,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<StreamReport> {
+    let key = keys.measured;
     // 1. Idle connections.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = vm_rss_kib(api_pid).unwrap_or(0);
     let opened_at = Instant::now();
     let opened: Vec<anyhow::Result<JoinHandle<()>>> = stream::iter(0..sizes.connections)
-        .map(|_| open_idle(api, key))
+        .map(|_| open_idle(api, keys.idle))
         .buffer_unordered(sizes.opening)
         .collect()
         .await;

@@ -167,7 +167,6 @@ pub(crate) async fn stream(
             gauge.inc();
             let mut conn = Connection {
                 app,
-                key,
                 session,
                 follower,
             };
@@ -209,7 +208,6 @@ fn close(code: CloseCode, description: &str) -> Option<CloseReason> {
 
 struct Connection {
     app: Arc<AppState>,
-    key: String,
     session: Session,
     follower: Follower,
 }
@@ -317,10 +315,6 @@ impl Connection {
                 _ = ping.tick() => {
                     if heard.elapsed() > SILENT_LIMIT {
                         return Ok(close(CloseCode::Away, "no answer to pings"));
-                    }
-                    let active = self.app.key_cache.resolve(&self.app.pool, &self.key).await;
-                    if matches!(active, Ok(None)) {
-                        return Ok(close(CloseCode::Policy, "the API key was revoked"));
                     }
                     if self.session.ping(b"").await.is_err() {
                         return Ok(None);
