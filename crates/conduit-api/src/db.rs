@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "no per-row key checks",
         include_str!("../migrations/0002_no_per_row_key_checks.sql"),
     ),
+    (
+        5,
+        "webhook retry, batch and secret rotation",
+        include_str!("../migrations/0005_webhook_retry_batch_rotation.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

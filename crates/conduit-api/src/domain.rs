@@ -18,9 +18,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use url::{Host, Url};
 
+use conduit_core::{config::RetrySchedule, messages::BatchSettings};
+
 use crate::{
     error::FieldError,
     ledger::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents},
+    webhook_options::{parse_webhook_batch, parse_webhook_retry},
 };
 
 pub(crate) const MAX_PROMPT_CHARS: usize = 4000;
@@ -39,7 +42,7 @@ const FORBIDDEN_HEADERS: [&str; 6] = [
     "connection",
     "user-agent",
 ];
-const FIELDS: [&str; 9] = [
+const FIELDS: [&str; 11] = [
     "model",
     "prompt",
     "duration",
@@ -49,6 +52,8 @@ const FIELDS: [&str; 9] = [
     "webhook_url",
     "webhook_headers",
     "webhook_events",
+    "webhook_retry",
+    "webhook_batch",
 ];
 
 /// One configured model and whether its provider can be used.
@@ -318,6 +323,8 @@ pub(crate) struct GenerationRequest {
     pub(crate) webhook_url: Option<WebhookUrl>,
     pub(crate) webhook_headers: WebhookHeaders,
     pub(crate) webhook_events: WebhookEvents,
+    pub(crate) webhook_retry: Option<RetrySchedule>,
+    pub(crate) webhook_batch: Option<BatchSettings>,
 }
 
 fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -415,6 +422,12 @@ impl GenerationRequest {
             .map(parse_webhook_events)
             .transpose()?
             .unwrap_or_default();
+        let webhook_retry = present(obj, "webhook_retry")
+            .map(parse_webhook_retry)
+            .transpose()?;
+        let webhook_batch = present(obj, "webhook_batch")
+            .map(parse_webhook_batch)
+            .transpose()?;
         Ok(Self {
             model: model.clone(),
             prompt,
@@ -425,6 +438,8 @@ impl GenerationRequest {
             webhook_url,
             webhook_headers,
             webhook_events,
+            webhook_retry,
+            webhook_batch,
         })
     }
 
@@ -441,6 +456,8 @@ impl GenerationRequest {
             "webhook_url": self.webhook_url.as_ref().map(WebhookUrl::as_str),
             "webhook_headers": self.webhook_headers.as_map(),
             "webhook_events": self.webhook_events.names(),
+            "webhook_retry": self.webhook_retry.as_ref().map(ToString::to_string),
+            "webhook_batch": self.webhook_batch,
         });
         Sha256::digest(canonical.to_string().as_bytes()).into()
     }
@@ -475,6 +492,8 @@ impl GenerationRequest {
             webhook_url: self.webhook_url.as_ref().map(|u| u.as_str().to_owned()),
             webhook_headers: self.webhook_headers.as_map().clone(),
             webhook_events: self.webhook_events.clone(),
+            webhook_retry: self.webhook_retry.clone(),
+            webhook_batch: self.webhook_batch,
             video_key: None,
             generation_duration_seconds: None,
             error: None,
@@ -779,6 +798,22 @@ mod tests {
         let c = GenerationRequest::parse(&with("duration", json!(7)), &catalog()).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
+        let retry = |s: Value| {
+            GenerationRequest::parse(&with("webhook_retry", json!({ "schedule": s })), &catalog())
+                .unwrap()
+                .fingerprint()
+        };
+        assert_eq!(retry(json!(["60s"])), retry(json!(["1m"])));
+        assert_ne!(retry(json!(["1m"])), retry(json!(["2m"])));
+        assert_ne!(retry(json!(["0s"])), a.fingerprint());
+        let batch = |b: Value| {
+            GenerationRequest::parse(&with("webhook_batch", b), &catalog())
+                .unwrap()
+                .fingerprint()
+        };
+        assert_eq!(batch(json!({})), batch(json!({"max_events": 100})));
+        assert_ne!(batch(json!({})), batch(json!({"max_events": 10})));
+        assert_ne!(batch(json!({})), a.fingerprint());
     }
 
     #[tokio::test]

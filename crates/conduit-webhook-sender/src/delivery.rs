@@ -745,6 +745,9 @@ mod tests {
             occurred_at: now_millis(),
             attempts_made: 0,
             not_before: None,
+            retry: None,
+            batch: None,
+            previous_secret: None,
         }
     }
 

@@ -287,6 +287,9 @@ pub fn delivery_of(url: &str, payload: &WebhookPayload) -> WebhookDelivery {
         occurred_at,
         attempts_made: 0,
         not_before: None,
+        retry: None,
+        batch: None,
+        previous_secret: None,
     }
 }
 
