@@ -3,6 +3,7 @@
 //! queue and reads attempt outcomes and dead letters back. Receivers are small HTTP
 //! servers on 127.0.0.1 in the test process.
 
+mod batches;
 mod bench;
 mod delivery;
 mod isolation;
