@@ -36,7 +36,10 @@ async fn webhook_retry_is_validated_as_the_contract_says() {
         &app,
         "webhook_retry",
         vec![
-            (json!({"schedule": ["1s"], "attempts": 3}), "unknown_parameter"),
+            (
+                json!({"schedule": ["1s"], "attempts": 3}),
+                "unknown_parameter",
+            ),
             (json!({}), "missing_parameter"),
             (json!(["0s", "30s"]), "invalid_value"),
             (json!("0s,30s"), "invalid_value"),
@@ -46,7 +49,10 @@ async fn webhook_retry_is_validated_as_the_contract_says() {
             (json!({"schedule": ["30"]}), "invalid_value"),
             (json!({"schedule": [30]}), "invalid_value"),
             (json!({"schedule": ["25h"]}), "invalid_value"),
-            (json!({"schedule": ["24h", "24h", "24h", "1s"]}), "invalid_value"),
+            (
+                json!({"schedule": ["24h", "24h", "24h", "1s"]}),
+                "invalid_value",
+            ),
         ],
     )
     .await;
@@ -67,7 +73,10 @@ async fn webhook_batch_is_validated_as_the_contract_says() {
         &app,
         "webhook_batch",
         vec![
-            (json!({"max_events": 10, "max_size": 1}), "unknown_parameter"),
+            (
+                json!({"max_events": 10, "max_size": 1}),
+                "unknown_parameter",
+            ),
             (json!(100), "invalid_value"),
             (json!({"max_events": 0}), "invalid_value"),
             (json!({"max_events": 1001}), "invalid_value"),
@@ -78,7 +87,8 @@ async fn webhook_batch_is_validated_as_the_contract_says() {
         ],
     )
     .await;
-    app.submit_ok(&hooked_with("webhook_batch", json!({}))).await;
+    app.submit_ok(&hooked_with("webhook_batch", json!({})))
+        .await;
     app.submit_ok(&hooked_with(
         "webhook_batch",
         json!({"max_events": 1000, "max_wait_ms": 60000}),
@@ -99,7 +109,10 @@ async fn the_options_travel_with_every_webhook_and_its_redelivery() {
     let hook = hooks.next().await;
     assert_eq!(hook["event"], "cancelled");
     assert_eq!(hook["retry"], "0s,30s,5m");
-    assert_eq!(hook["batch"], json!({"max_events": 50, "max_wait_ms": 1000}));
+    assert_eq!(
+        hook["batch"],
+        json!({"max_events": 50, "max_wait_ms": 1000})
+    );
     assert!(hook.get("previous_secret").is_none());
 
     let (status, json) = app
