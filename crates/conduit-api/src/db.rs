@@ -18,6 +18,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "no per-row key checks",
         include_str!("../migrations/0002_no_per_row_key_checks.sql"),
     ),
+    (
+        3,
+        "outbox traceparent",
+        include_str!("../migrations/0003_outbox_traceparent.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

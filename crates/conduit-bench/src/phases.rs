@@ -219,6 +219,7 @@ fn job() -> Outgoing {
             body: Vec::new(),
             task_id: None,
             message_id: None,
+            traceparent: None,
         })
 }
 
@@ -666,6 +667,7 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
             body: Vec::new(),
             task_id: None,
             message_id: None,
+            traceparent: None,
         });
     (webhook_id, out)
 }

@@ -69,6 +69,17 @@ pub struct Settings {
     /// Model id → provider and upstream model. `GET /v1/models` lists these.
     pub models: BTreeMap<String, ModelSettings>,
     pub log: LogSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+}
+
+/// Where traces go. Unset (the default), no exporter runs and spans only feed the logs.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP base URL (`http://otel-collector:4318`); traces go to `/v1/traces`
+    /// below it. `OTEL_EXPORTER_OTLP_ENDPOINT` is used when this is unset.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -124,6 +124,8 @@ impl Worker {
         }
         let span = tracing::info_span!(
             "job",
+            otel.name = "generate",
+            provider = %self.providers.name_for(&job),
             task_id = %job.task_id,
             attempt = job.attempt,
             model = %job.model,
@@ -161,6 +163,13 @@ impl Worker {
         };
         let _in_flight = InFlight::new(&self.metrics.jobs_in_flight);
         let events = Events::new(self.broker.clone(), &job);
+        let provider = self.providers.name_for(&job);
+        let finished = |outcome: &str| {
+            self.metrics
+                .tasks_finished
+                .with_label_values(&[job.model.as_str(), provider.as_str(), outcome])
+                .inc();
+        };
 
         if delivery_count >= self.max_attempts {
             warn!("job delivered too often; failing the task");
@@ -168,6 +177,7 @@ impl Worker {
                 .jobs_failed
                 .with_label_values(&["interrupted"])
                 .inc();
+            finished("failed");
             let error = format!(
                 "Video generation was interrupted {delivery_count} times (worker lost); giving up"
             );
@@ -193,6 +203,7 @@ impl Worker {
             if registration.cancelled_by_user() {
                 info!("generation stopped: cancelled by the user");
                 self.metrics.jobs_cancelled.inc();
+                finished("cancelled");
                 return Disposition::Ack;
             }
             if shutdown.is_cancelled() {
@@ -212,7 +223,11 @@ impl Worker {
                 match self.store.put(&key, video.bytes).await {
                     Ok(()) => {
                         self.metrics.jobs_completed.inc();
-                        self.metrics.generation_seconds.observe(elapsed);
+                        self.metrics
+                            .generation_seconds
+                            .with_label_values(&[job.model.as_str(), provider.as_str()])
+                            .observe(elapsed);
+                        finished("completed");
                         info!(video_key = %key, seconds = elapsed, "video generated");
                         StatusKind::Completed {
                             video_key: key,
@@ -225,6 +240,7 @@ impl Worker {
                             .jobs_failed
                             .with_label_values(&["storage"])
                             .inc();
+                        finished("failed");
                         StatusKind::Failed {
                             error: "Video generation succeeded but storing the video failed".into(),
                         }
@@ -237,6 +253,7 @@ impl Worker {
                     .jobs_failed
                     .with_label_values(&["timeout"])
                     .inc();
+                finished("timed_out");
                 StatusKind::Failed {
                     error: format!(
                         "Video generation timed out after {} seconds",
@@ -246,6 +263,7 @@ impl Worker {
             }
             Outcome::Finished(Err(GenerationError::Cancelled)) | Outcome::Stopped => {
                 self.metrics.jobs_failed.with_label_values(&["error"]).inc();
+                finished("failed");
                 StatusKind::Failed {
                     error: "Video generation was stopped unexpectedly".into(),
                 }
@@ -253,6 +271,13 @@ impl Worker {
             Outcome::Finished(Err(GenerationError::Failed(error))) => {
                 warn!(%error, "generation failed");
                 self.metrics.jobs_failed.with_label_values(&["error"]).inc();
+                if provider != "local" {
+                    self.metrics
+                        .provider_errors
+                        .with_label_values(&[provider.as_str(), crate::metrics::error_kind(&error)])
+                        .inc();
+                }
+                finished("failed");
                 StatusKind::Failed { error }
             }
         };
@@ -279,6 +304,13 @@ impl Worker {
                 tx.send_replace(Some(update));
             }),
             cancel: work.clone(),
+        };
+        let provider_name = self.providers.name_for(job);
+        // The render (local) or the provider's submit, polls and download.
+        let call_span = if provider_name == "local" {
+            tracing::info_span!("render", otel.name = "render", provider = %provider_name, width = job.spec.width, height = job.spec.height)
+        } else {
+            tracing::info_span!("provider call", otel.name = %format!("{provider_name} generate"), otel.kind = "client", provider = %provider_name)
         };
         let done = CancellationToken::new();
         let progress = async {
@@ -309,7 +341,7 @@ impl Worker {
             let outcome = tokio::select! {
                 // A result that is ready wins over a cancel or timeout that came with it.
                 biased;
-                result = provider.generate(job, ctx) => Outcome::Finished(result),
+                result = provider.generate(job, ctx).instrument(call_span) => Outcome::Finished(result),
                 () = tokio::time::sleep(self.task_timeout) => Outcome::TimedOut,
                 () = work.cancelled() => Outcome::Stopped,
             };
@@ -344,6 +376,7 @@ impl Worker {
         match copy {
             Ok(message) => match self.broker.publish(message).await {
                 Ok(()) => {
+                    self.metrics.jobs_handed_back.inc();
                     info!("shutting down; job handed back to the queue");
                     Disposition::Ack
                 }

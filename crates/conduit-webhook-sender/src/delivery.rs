@@ -307,8 +307,16 @@ impl Deliverer {
             .headers(headers)
             .body(d.body.clone())
             .send();
+        let span = tracing::info_span!(
+            "webhook attempt",
+            otel.name = "webhook POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+            server.address = %d.url.split('/').nth(2).unwrap_or_default(),
+        );
         let response = tokio::select! {
-            r = exchange(request) => r,
+            r = exchange(request).instrument(span.clone()) => r,
             () = async {
                 shutdown.cancelled().await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -317,6 +325,9 @@ impl Deliverer {
                 return None;
             }
         };
+        if let Response::Answered { status, .. } = &response {
+            span.record("http.response.status_code", *status);
+        }
         Some(Attempt {
             attempted_at,
             duration: started.elapsed(),
@@ -351,6 +362,12 @@ impl Deliverer {
             Response::Unsendable { error } => (None, Some(error.clone()), None, outcome::FAILED),
         };
         self.metrics.attempts.with_label_values(&[label]).inc();
+        if !matches!(a.response, Response::Unsendable { .. }) {
+            self.metrics
+                .attempt_duration
+                .with_label_values(&[label])
+                .observe(a.duration.as_secs_f64());
+        }
         let made = d.attempts_made.saturating_add(1);
         let (state, next_at, follow_up) = match label {
             outcome::DELIVERED => {
@@ -519,6 +536,7 @@ impl Deliverer {
             body,
             task_id: None,
             message_id: None,
+            traceparent: None,
         };
         match self.publish_all(&[message]).await {
             Disposition::Ack => Disposition::Ack,
