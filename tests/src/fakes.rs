@@ -117,21 +117,40 @@ pub struct FakeJob {
     scenario: Scenario,
 }
 
-struct State {
-    protocol: Protocol,
-    key: String,
-    base_url: String,
+/// What the shared fake server needs of a fake's job record.
+pub trait FakeJobRecord: Clone + Send + 'static {
+    fn id(&self) -> &str;
+    fn prompt(&self) -> &str;
+}
+
+impl FakeJobRecord for FakeJob {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn prompt(&self) -> &str {
+        &self.prompt
+    }
+}
+
+/// The state every fake provider keeps: the key it accepts, the scenarios chosen by
+/// prompt, the rate-limited submits still to answer, its jobs and every request seen.
+/// `P` tells apart fakes that share one handler (the protocol of a [`FakeProvider`]).
+pub struct FakeState<J, P = ()> {
+    pub(crate) protocol: P,
+    pub(crate) key: String,
+    pub(crate) base_url: String,
     default: Scenario,
     rules: Vec<(String, Scenario)>,
     /// Rate-limited submits still to answer, by prompt.
-    limited: BTreeMap<String, u32>,
-    jobs: Vec<FakeJob>,
-    requests: Vec<Recorded>,
-    next_id: u64,
+    pub(crate) limited: BTreeMap<String, u32>,
+    pub(crate) jobs: Vec<J>,
+    pub(crate) requests: Vec<Recorded>,
+    pub(crate) next_id: u64,
 }
 
-impl State {
-    fn scenario(&self, prompt: &str) -> Scenario {
+impl<J: FakeJobRecord, P> FakeState<J, P> {
+    pub(crate) fn scenario(&self, prompt: &str) -> Scenario {
         self.rules
             .iter()
             .find(|(needle, _)| prompt.contains(needle.as_str()))
@@ -139,32 +158,51 @@ impl State {
             .unwrap_or_else(|| self.default.clone())
     }
 
-    fn job(&mut self, id: &str) -> Option<&mut FakeJob> {
-        self.jobs.iter_mut().find(|j| j.id == id)
+    pub(crate) fn job(&mut self, id: &str) -> Option<&mut J> {
+        self.jobs.iter_mut().find(|j| j.id() == id)
+    }
+
+    /// Records `req`, its credential read from the header `credential`, and returns
+    /// that credential (empty when absent).
+    pub(crate) fn record(&mut self, req: &HttpRequest, credential: &str) -> String {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        self.requests.push(Recorded {
+            method: req.method().to_string(),
+            path: req.path().to_owned(),
+            query: req.query_string().to_owned(),
+            authorization: header(credential),
+            content_type: header("content-type"),
+        });
+        header(credential).unwrap_or_default()
     }
 }
 
-/// A running fake provider; stops when dropped.
-pub struct FakeProvider {
-    pub protocol: Protocol,
+/// A fake provider's HTTP server on 127.0.0.1 (one worker, any free port) around a
+/// [`FakeState`]; stops when dropped.
+pub struct FakeServer<J, P = ()> {
     port: u16,
-    state: Arc<Mutex<State>>,
+    state: Arc<Mutex<FakeState<J, P>>>,
     handle: ServerHandle,
 }
 
-/// The bytes a fake serves as job `id`'s video: a tiny file with an MP4 `ftyp` box.
-pub fn fake_video(id: &str) -> Vec<u8> {
-    let mut bytes = b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom".to_vec();
-    bytes.extend_from_slice(format!("fake video of job {id}").as_bytes());
-    bytes
-}
+/// The state as a handler receives it.
+pub(crate) type Shared<J, P = ()> = web::Data<Mutex<FakeState<J, P>>>;
 
-impl FakeProvider {
-    /// Starts a fake that accepts `key` as `Authorization: Bearer <key>`.
-    pub fn start(protocol: Protocol, key: &str) -> Self {
+impl<J: FakeJobRecord, P: Send + 'static> FakeServer<J, P> {
+    /// Serves `handler` for every request, with bodies up to `body_limit` bytes.
+    pub(crate) fn serve<H, F>(protocol: P, key: &str, body_limit: usize, handler: H) -> Self
+    where
+        H: Fn(HttpRequest, web::Bytes, Shared<J, P>) -> F + Clone + Send + 'static,
+        F: std::future::Future<Output = HttpResponse> + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake provider");
         let port = listener.local_addr().expect("fake provider address").port();
-        let state = Arc::new(Mutex::new(State {
+        let state = Arc::new(Mutex::new(FakeState {
             protocol,
             key: key.to_owned(),
             base_url: format!("http://127.0.0.1:{port}"),
@@ -179,8 +217,8 @@ impl FakeProvider {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(shared.clone())
-                .app_data(web::PayloadConfig::new(1 << 20))
-                .default_service(web::to(handle))
+                .app_data(web::PayloadConfig::new(body_limit))
+                .default_service(web::to(handler.clone()))
         })
         .workers(1)
         .disable_signals()
@@ -191,7 +229,6 @@ impl FakeProvider {
         let handle = server.handle();
         tokio::spawn(server);
         Self {
-            protocol,
             port,
             state,
             handle,
@@ -213,16 +250,16 @@ impl FakeProvider {
         self.lock().default = scenario;
     }
 
-    pub fn jobs(&self) -> Vec<FakeJob> {
+    pub fn jobs(&self) -> Vec<J> {
         self.lock().jobs.clone()
     }
 
     /// The job whose prompt is exactly `prompt`.
-    pub fn job_for(&self, prompt: &str) -> Option<FakeJob> {
+    pub fn job_for(&self, prompt: &str) -> Option<J> {
         self.lock()
             .jobs
             .iter()
-            .find(|j| j.prompt == prompt)
+            .find(|j| j.prompt() == prompt)
             .cloned()
     }
 
@@ -230,9 +267,35 @@ impl FakeProvider {
         self.lock().requests.clone()
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState<J, P>> {
+        self.state.lock().expect("fake provider state")
+    }
+}
+
+impl<J, P> Drop for FakeServer<J, P> {
+    fn drop(&mut self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::spawn(self.handle.stop(false));
+        }
+    }
+}
+
+/// A fake of MiniMax, an OpenAI-compatible Videos API or Replicate.
+pub type FakeProvider = FakeServer<FakeJob, Protocol>;
+
+impl FakeServer<FakeJob, Protocol> {
+    /// Starts a fake that accepts `key` as `Authorization: Bearer <key>`.
+    pub fn start(protocol: Protocol, key: &str) -> Self {
+        Self::serve(protocol, key, 1 << 20, handle)
+    }
+
+    pub fn protocol(&self) -> Protocol {
+        self.lock().protocol
+    }
+
     /// Submit requests seen for `prompt`'s job, rate-limited ones included.
     pub fn submits(&self) -> usize {
-        let path = match self.protocol {
+        let path = match self.protocol() {
             Protocol::MiniMax => "/v1/video_generation",
             Protocol::OpenAi => "/v1/videos",
             Protocol::Replicate => "/predictions",
@@ -243,39 +306,24 @@ impl FakeProvider {
             .filter(|r| r.method == "POST" && r.path.ends_with(path))
             .count()
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("fake provider state")
-    }
 }
 
-impl Drop for FakeProvider {
-    fn drop(&mut self) {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(self.handle.stop(false));
-        }
-    }
+/// The bytes a fake serves as job `id`'s video: a tiny file with an MP4 `ftyp` box.
+pub fn fake_video(id: &str) -> Vec<u8> {
+    let mut bytes = b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom".to_vec();
+    bytes.extend_from_slice(format!("fake video of job {id}").as_bytes());
+    bytes
 }
+
+type State = FakeState<FakeJob, Protocol>;
 
 async fn handle(
     req: HttpRequest,
     body: web::Bytes,
-    state: web::Data<Mutex<State>>,
+    state: Shared<FakeJob, Protocol>,
 ) -> HttpResponse {
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
     let mut s = state.lock().expect("fake provider state");
-    s.requests.push(Recorded {
-        method: req.method().to_string(),
-        path: req.path().to_owned(),
-        query: req.query_string().to_owned(),
-        authorization: header("authorization"),
-        content_type: header("content-type"),
-    });
+    let presented = s.record(&req, "authorization");
     // Files are served without a credential, like a CDN (OpenAI's content aside).
     if req.method() == "GET" && req.path().starts_with("/files/") {
         let id = req
@@ -285,7 +333,6 @@ async fn handle(
             .to_owned();
         return download(&mut s, &id);
     }
-    let presented = header("authorization").unwrap_or_default();
     let authorized = presented == format!("Bearer {}", s.key);
     let query: BTreeMap<String, String> = url_query(req.query_string());
     match s.protocol {
@@ -488,6 +535,7 @@ fn minimax_params(p: &Value) -> Result<(), String> {
             "fast_pretreatment",
             "callback_url",
             "aigc_watermark",
+            "first_frame_image",
         ]
         .contains(&key.as_str())
         {
@@ -559,7 +607,7 @@ fn openai(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_owned();
-        let Some(fields) = multipart_fields(&content_type, body) else {
+        let Some(mut fields) = multipart_fields(&content_type, body) else {
             return openai_error(
                 400,
                 "invalid_request",
@@ -603,6 +651,15 @@ fn openai(
         }
         if let Some((code, message)) = &scenario.refuse_submit {
             return openai_error(400, code, message);
+        }
+        // The first frame arrives as a file part: recorded as base64 of its exact bytes.
+        if let Some((mime, bytes)) = multipart_file(&content_type, body, "input_reference") {
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(bytes);
+            fields.insert(
+                "input_reference".into(),
+                format!("data:{mime};base64,{encoded}"),
+            );
         }
         let params = json!(fields);
         let id = new_job(s, &prompt, params, scenario);
@@ -686,6 +743,36 @@ fn multipart_fields(content_type: &str, body: &[u8]) -> Option<BTreeMap<String, 
         fields.insert(name, value.strip_suffix("\r\n").unwrap_or(value).to_owned());
     }
     Some(fields)
+}
+
+/// The content type and exact bytes of the file part `name` of a `multipart/form-data` body.
+fn multipart_file(content_type: &str, body: &[u8], name: &str) -> Option<(String, Vec<u8>)> {
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))?
+        .trim_matches('"');
+    let delimiter = format!("\r\n--{boundary}").into_bytes();
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay.get(from..)?
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
+    };
+    let marker = format!("name=\"{name}\"").into_bytes();
+    let at = find(body, &marker, 0)?;
+    let headers_end = find(body, b"\r\n\r\n", at)?;
+    let headers = String::from_utf8_lossy(&body[at..headers_end]).to_string();
+    let mime = headers
+        .split("\r\n")
+        .find_map(|h| {
+            h.strip_prefix("Content-Type: ")
+                .or_else(|| h.strip_prefix("content-type: "))
+        })
+        .unwrap_or("application/octet-stream")
+        .to_owned();
+    let start = headers_end + 4;
+    let end = find(body, &delimiter, start)?;
+    Some((mime, body[start..end].to_vec()))
 }
 
 // ---- Replicate ---------------------------------------------------------------------

@@ -2,6 +2,8 @@
 //! separate processes (each stack with its own AMQP namespace, database and video
 //! folder), a local webhook receiver, and drives everything over HTTP as a user would.
 
+pub mod fake_fal;
+pub mod fake_veo;
 pub mod fakes;
 pub mod receiver;
 pub mod stack;

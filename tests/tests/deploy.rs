@@ -826,6 +826,7 @@ async fn services_can_declare(amqp_url: &str, namespace: &str, within: Duration)
         url: Secret::new(amqp_url),
         namespace: namespace.to_owned(),
         prefetch: 1,
+        ca_file: None,
     };
     let broker = Broker::start(&settings, "deploy-test", shutdown.clone());
     let ready = broker.wait_ready(within).await.is_ok();

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use conduit_system_tests::{
     eventually,
+    fake_fal::FakeFal,
+    fake_veo::FakeVeo,
     fakes::{fake_video, FakeProvider, Protocol, Scenario},
     ReceivedWebhook, Receiver, Stack, StackOptions,
 };
@@ -15,6 +17,24 @@ use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(90);
 const KEY: &str = "sk-e2e-5d41402abc4b2a76b9719d911017c592";
+/// The model a `/v1/videos` server is configured with in these tests (there is no default).
+const VIDEOS_MODEL: &str = "wan-2.5-t2v";
+/// `openai-video` as an operator configures it for a `/v1/videos` server.
+const VIDEOS_CONFIG: &str = r#"
+[models.openai-video]
+provider = "openai"
+upstream_model = "wan-2.5-t2v"
+durations = [4, 8, 12]
+sizes = ["1280x720", "720x1280"]
+"#;
+
+/// A configuration file with `toml` in it, as the `CONDUIT_CONFIG` variable for a stack.
+fn config_file(toml: &str) -> (String, String) {
+    let path =
+        std::env::temp_dir().join(format!("conduit-providers-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(&path, toml).expect("config file written");
+    ("CONDUIT_CONFIG".to_owned(), path.display().to_string())
+}
 
 /// A stack whose generator talks to `fake` for `provider` (`MINIMAX`, `OPENAI`,
 /// `REPLICATE`), polling every 50 ms.
@@ -250,10 +270,11 @@ async fn openai_compatible_end_to_end() {
         ),
     );
     fake.on_prompt("endless", Scenario::endless());
-    let stack = stack_for(&fake, "OPENAI", &[]).await;
+    let (config_key, config_path) = config_file(VIDEOS_CONFIG);
+    let stack = stack_for(&fake, "OPENAI", &[(&config_key, &config_path)]).await;
     let receiver = Receiver::start().await;
 
-    // sora-2 makes 4, 8 or 12 seconds at 1280x720 or 720x1280 only.
+    // The configured model makes 4, 8 or 12 seconds at 1280x720 or 720x1280 only.
     let (status, code, param, message) =
         refused(&stack, json!({"model": "openai-video", "prompt": "p"})).await;
     assert_eq!(
@@ -280,7 +301,7 @@ async fn openai_compatible_end_to_end() {
     let job = fake.job_for(prompt).expect("the server got the job");
     assert_eq!(
         job.params,
-        json!({"model": "sora-2", "prompt": prompt, "seconds": "8", "size": "720x1280"})
+        json!({"model": VIDEOS_MODEL, "prompt": prompt, "seconds": "8", "size": "720x1280"})
     );
     assert_eq!(job.downloads, 2);
     assert_eq!(served_video(&hook).await, fake_video(&job.id));
@@ -444,5 +465,471 @@ async fn the_task_timeout_cancels_the_prediction() {
             .map(|_| ())
     })
     .await;
+    stack.stop().await;
+}
+
+/// The variables that point the stack's `provider` (`FAL`, `VEO`, ...) at `base_url`.
+fn provider_env(provider: &str, base_url: String) -> Vec<(String, String)> {
+    let key_name = if provider == "REPLICATE" {
+        "API_TOKEN"
+    } else {
+        "API_KEY"
+    };
+    vec![
+        (
+            format!("CONDUIT__PROVIDERS__{provider}__{key_name}"),
+            KEY.to_owned(),
+        ),
+        (
+            format!("CONDUIT__PROVIDERS__{provider}__BASE_URL"),
+            base_url,
+        ),
+        (
+            format!("CONDUIT__PROVIDERS__{provider}__POLL_INTERVAL_SECONDS"),
+            "0.05".to_owned(),
+        ),
+    ]
+}
+
+async fn stack_with(env: Vec<(String, String)>) -> Stack {
+    Stack::start_with(StackOptions {
+        env,
+        ..StackOptions::default()
+    })
+    .await
+}
+
+fn listed(models: &Value, id: &str) -> Value {
+    models["data"]
+        .as_array()
+        .and_then(|d| d.iter().find(|m| m["id"] == id))
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} listed in {models}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fal_and_veo_end_to_end() {
+    let fal = FakeFal::start(KEY);
+    fal.on_prompt(
+        "slow",
+        Scenario {
+            rate_limited_submits: 1,
+            running_polls: 4,
+            failed_downloads: 1,
+            ..Scenario::default()
+        },
+    );
+    fal.on_prompt(
+        "flagged",
+        Scenario::failing("content_policy_violation", "The prompt was flagged"),
+    );
+    fal.on_prompt("endless", Scenario::endless());
+    let veo = FakeVeo::start(KEY);
+    veo.on_prompt(
+        "slow",
+        Scenario {
+            running_polls: 4,
+            ..Scenario::default()
+        },
+    );
+    veo.on_prompt(
+        "unsafe",
+        Scenario::failing(
+            "RAI",
+            "The video could not be generated: it may violate our policies.",
+        ),
+    );
+    let mut env = provider_env("FAL", fal.base_url());
+    env.extend(provider_env("VEO", veo.base_url()));
+    let stack = stack_with(env).await;
+    let receiver = Receiver::start().await;
+
+    let (_, models) = stack.get("/v1/models").await;
+    for id in ["fal-video", "veo-video"] {
+        let m = listed(&models, id);
+        assert_eq!(m["available"], true, "{m}");
+        assert_eq!(m["image_input"], true, "{m}");
+    }
+    // What the model cannot make is refused at submit.
+    let (status, code, param, _) = refused(
+        &stack,
+        json!({"model": "veo-video", "prompt": "p", "duration": 5}),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str(), param.as_str()),
+        (400, "invalid_value", "duration")
+    );
+
+    // fal: queued, polled, result read, video downloaded into Conduit's storage.
+    let prompt = "a slow kite over dunes";
+    let task_id = submit(
+        &stack,
+        &receiver,
+        json!({"model": "fal-video", "prompt": prompt, "duration": 5}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &task_id).await.json();
+    assert_eq!(hook["status"], "completed", "{hook}");
+    assert_eq!(hook["model"], "fal-video");
+    let job = fal.job_for(prompt).expect("fal got the request");
+    assert_eq!(job.model, "fal-ai/kling-video/v2.1/standard/text-to-video");
+    assert_eq!(
+        job.input,
+        json!({"prompt": prompt, "duration": "5", "aspect_ratio": "16:9"})
+    );
+    assert_eq!(job.downloads, 2);
+    assert_eq!(served_video(&hook).await, fake_video(&job.id));
+
+    let flagged = submit(
+        &stack,
+        &receiver,
+        json!({"model": "fal-video", "prompt": "a flagged idea", "duration": 5}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &flagged).await.json();
+    assert_eq!(hook["status"], "failed");
+    assert_eq!(
+        hook["error"],
+        "fal could not generate the video (HTTP 422): The prompt was flagged (content_policy_violation)"
+    );
+
+    // A cancel reaches fal's cancel_url.
+    let endless = submit(
+        &stack,
+        &receiver,
+        json!({"model": "fal-video", "prompt": "an endless request", "duration": 5}),
+    )
+    .await;
+    eventually("fal to be polled", LONG, || async {
+        fal.job_for("an endless request")
+            .filter(|j| j.polls >= 2)
+            .map(|_| ())
+    })
+    .await;
+    cancel(&stack, &endless).await;
+    assert_eq!(
+        terminal_webhook(&receiver, &endless).await.json()["status"],
+        "cancelled"
+    );
+    eventually("the cancel to reach fal", LONG, || async {
+        fal.job_for("an endless request")
+            .filter(|j| j.cancelled)
+            .map(|_| ())
+    })
+    .await;
+
+    // Veo: an operation polled until done, its sample downloaded with the key.
+    let prompt = "slow waves on basalt";
+    let task_id = submit(
+        &stack,
+        &receiver,
+        json!({"model": "veo-video", "prompt": prompt, "duration": 8, "size": "720x1280"}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &task_id).await.json();
+    assert_eq!(hook["status"], "completed", "{hook}");
+    let op = veo.job_for(prompt).expect("Veo got the request");
+    assert_eq!(
+        op.body,
+        json!({"instances": [{"prompt": prompt}],
+               "parameters": {"aspectRatio": "9:16", "resolution": "720p", "durationSeconds": 8}})
+    );
+    assert_eq!(op.downloads, 1);
+    assert_eq!(served_video(&hook).await, fake_video(&op.id));
+    assert!(veo
+        .requests()
+        .iter()
+        .all(|r| r.authorization.as_deref() == Some(KEY)));
+
+    let unsafe_task = submit(
+        &stack,
+        &receiver,
+        json!({"model": "veo-video", "prompt": "something unsafe", "duration": 4}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &unsafe_task).await.json();
+    assert_eq!(hook["status"], "failed");
+    assert_eq!(
+        hook["error"],
+        "Veo's safety filters withheld the generated video: The video could not be generated: it may violate our policies."
+    );
+
+    assert_key_never_shown(&stack, &receiver).await;
+    stack.stop().await;
+}
+
+/// A 160x96 PNG with four coloured quarters, as RGB and as a data URI.
+fn test_picture() -> (Vec<u8>, String) {
+    use base64::Engine;
+    let (width, height) = (160u32, 96u32);
+    let picture = image::RgbImage::from_fn(width, height, |x, y| {
+        match (x < width / 2, y < height / 2) {
+            (true, true) => image::Rgb([220, 40, 40]),
+            (false, true) => image::Rgb([40, 200, 60]),
+            (true, false) => image::Rgb([30, 60, 210]),
+            (false, false) => image::Rgb([(x * 255 / width) as u8, 180, 40]),
+        }
+    });
+    let mut file = Vec::new();
+    picture
+        .write_to(
+            &mut std::io::Cursor::new(&mut file),
+            image::ImageFormat::Png,
+        )
+        .expect("PNG encodes");
+    let uri = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&file)
+    );
+    (picture.into_raw(), uri)
+}
+
+/// The first picture of an H.264 MP4, as RGB, with its size.
+fn first_frame_rgb(file: &[u8]) -> (usize, usize, Vec<u8>) {
+    use openh264::formats::YUVSource;
+    let mut reader =
+        mp4::Mp4Reader::read_header(std::io::Cursor::new(file), file.len() as u64).expect("an MP4");
+    let track = reader.tracks().values().next().expect("a track");
+    let track_id = track.track_id();
+    let mut annex_b = Vec::new();
+    for ps in [
+        track.sequence_parameter_set().expect("SPS"),
+        track.picture_parameter_set().expect("PPS"),
+    ] {
+        annex_b.extend_from_slice(&[0, 0, 0, 1]);
+        annex_b.extend_from_slice(ps);
+    }
+    let sample = reader
+        .read_sample(track_id, 1)
+        .expect("sample read")
+        .expect("a first sample");
+    let mut rest = &sample.bytes[..];
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+        annex_b.extend_from_slice(&[0, 0, 0, 1]);
+        annex_b.extend_from_slice(&rest[4..4 + len]);
+        rest = &rest[4 + len..];
+    }
+    let mut decoder = openh264::decoder::Decoder::new().expect("decoder");
+    let picture = decoder
+        .decode(&annex_b)
+        .expect("the first frame decodes")
+        .expect("a picture");
+    let (w, h) = picture.dimensions();
+    let mut rgb = vec![0; w * h * 3];
+    picture.write_rgb8(&mut rgb);
+    (w, h, rgb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_url_reaches_every_provider_that_takes_one() {
+    let minimax = FakeProvider::start(Protocol::MiniMax, KEY);
+    let videos = FakeProvider::start(Protocol::OpenAi, KEY);
+    let replicate = FakeProvider::start(Protocol::Replicate, KEY);
+    let fal = FakeFal::start(KEY);
+    let veo = FakeVeo::start(KEY);
+    let mut env = provider_env("MINIMAX", minimax.base_url());
+    env.extend(provider_env("OPENAI", videos.base_url()));
+    env.extend(provider_env("REPLICATE", replicate.base_url()));
+    env.extend(provider_env("FAL", fal.base_url()));
+    env.extend(provider_env("VEO", veo.base_url()));
+    let (config_key, config_path) = config_file(&format!(
+        "{VIDEOS_CONFIG}\n[models.text-only]\nprovider = \"local\"\nimage_input = false\n"
+    ));
+    env.push((config_key, config_path));
+    let stack = stack_with(env).await;
+    let receiver = Receiver::start().await;
+    let (_, image) = test_picture();
+    use base64::Engine;
+    let image_bytes = base64::engine::general_purpose::STANDARD
+        .decode(image.trim_start_matches("data:image/png;base64,"))
+        .expect("base64");
+
+    let (_, models) = stack.get("/v1/models").await;
+    assert_eq!(listed(&models, "text-only")["image_input"], false);
+    assert_eq!(listed(&models, "minimax-video")["image_input"], true);
+
+    // A model that cannot take an image refuses one; so does a bad image.
+    let (status, code, param, message) = refused(
+        &stack,
+        json!({"model": "text-only", "prompt": "p", "image_url": image}),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str(), param.as_str()),
+        (400, "invalid_value", "image_url")
+    );
+    assert!(message.contains("text-only"), "{message}");
+    let (status, code, param, _) = refused(
+        &stack,
+        json!({"model": "local-video", "prompt": "p", "image_url": "data:image/gif;base64,R0lGOD=="}),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str(), param.as_str()),
+        (400, "invalid_value", "image_url")
+    );
+    // More than 64 KiB besides the image is still too large.
+    let (status, json) = stack
+        .submit(
+            &json!({"model": "local-video", "prompt": "p", "image_url": image,
+            "webhook_headers": {"X-Pad": "x".repeat(70 * 1024)}}),
+        )
+        .await;
+    assert_eq!(
+        (status, json["error"]["code"].as_str()),
+        (413, Some("payload_too_large"))
+    );
+
+    let submits = [
+        (
+            "minimax-video",
+            "minimax first frame",
+            json!({"duration": 6}),
+        ),
+        ("openai-video", "videos first frame", json!({"duration": 8})),
+        ("replicate-video", "replicate first frame", json!({})),
+        ("fal-video", "fal first frame", json!({"duration": 5})),
+        ("veo-video", "veo first frame", json!({"duration": 8})),
+    ];
+    let mut tasks = Vec::new();
+    for (model, prompt, extra) in &submits {
+        let mut body = json!({"model": model, "prompt": prompt, "image_url": image});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        tasks.push(submit(&stack, &receiver, body).await);
+    }
+    for task_id in &tasks {
+        let hook = terminal_webhook(&receiver, task_id).await.json();
+        assert_eq!(hook["status"], "completed", "{hook}");
+    }
+    // Each provider received the image in its own documented field.
+    let got = minimax.job_for("minimax first frame").expect("MiniMax job");
+    assert_eq!(got.params["first_frame_image"], image.as_str());
+    let got = videos
+        .job_for("videos first frame")
+        .expect("/v1/videos job");
+    assert_eq!(got.params["input_reference"], image.as_str());
+    let got = replicate
+        .job_for("replicate first frame")
+        .expect("Replicate job");
+    assert_eq!(got.params["input"]["first_frame_image"], image.as_str());
+    let got = fal.job_for("fal first frame").expect("fal job");
+    assert_eq!(got.model, "fal-ai/kling-video/v2.1/standard/image-to-video");
+    assert_eq!(got.input["image_url"], image.as_str());
+    let got = veo.job_for("veo first frame").expect("Veo job");
+    assert_eq!(got.body["instances"][0]["image"]["mimeType"], "image/png");
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(
+                got.body["instances"][0]["image"]["bytesBase64Encoded"]
+                    .as_str()
+                    .unwrap_or_default()
+            )
+            .expect("base64"),
+        image_bytes
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_video_starts_with_the_image() {
+    let stack = stack_with(Vec::new()).await;
+    let receiver = Receiver::start().await;
+    let (rgb, image) = test_picture();
+    let task_id = submit(
+        &stack,
+        &receiver,
+        json!({"model": "local-video", "prompt": "the picture comes alive", "size": "160x96",
+               "duration": 1, "fps": 6, "image_url": image}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &task_id).await.json();
+    assert_eq!(hook["status"], "completed", "{hook}");
+    let video = served_video(&hook).await;
+    let (w, h, first) = first_frame_rgb(&video);
+    assert_eq!((w, h), (160, 96));
+    let difference: f64 = first
+        .iter()
+        .zip(&rgb)
+        .map(|(a, b)| f64::from(a.abs_diff(*b)))
+        .sum::<f64>()
+        / rgb.len() as f64;
+    assert!(
+        difference < 8.0,
+        "the first frame differs from the image by {difference} per channel"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_model_falls_back_to_the_next_one() {
+    let videos = FakeProvider::start(Protocol::OpenAi, KEY);
+    videos.set_default(Scenario {
+        rate_limited_submits: 1000,
+        ..Scenario::default()
+    });
+    videos.on_prompt(
+        "blocked",
+        Scenario::failing("moderation_blocked", "Your request was blocked."),
+    );
+    let veo = FakeVeo::start(KEY);
+    let mut env = provider_env("OPENAI", videos.base_url());
+    env.extend(provider_env("VEO", veo.base_url()));
+    let (config_key, config_path) =
+        config_file(&format!("{VIDEOS_CONFIG}fallback = [\"veo-video\"]\n"));
+    env.push((config_key, config_path));
+    let stack = stack_with(env).await;
+    let receiver = Receiver::start().await;
+
+    let (_, models) = stack.get("/v1/models").await;
+    assert_eq!(
+        listed(&models, "openai-video")["fallback"],
+        json!(["veo-video"])
+    );
+
+    let prompt = "a harbour at night";
+    let task_id = submit(
+        &stack,
+        &receiver,
+        json!({"model": "openai-video", "prompt": prompt, "duration": 8}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &task_id).await.json();
+    assert_eq!(hook["status"], "completed", "{hook}");
+    assert_eq!(hook["model"], "veo-video", "{hook}");
+    // The /v1/videos server was tried until its retries ran out; Veo made the video.
+    assert_eq!(
+        videos
+            .requests()
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/v1/videos")
+            .count(),
+        8
+    );
+    let op = veo.job_for(prompt).expect("Veo got the fallback");
+    assert_eq!(served_video(&hook).await, fake_video(&op.id));
+    let (_, task) = stack
+        .get(&format!("/v1/videos/generations/tasks/{task_id}"))
+        .await;
+    assert_eq!(task["model"], "openai-video");
+    let message = task["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("fallback model veo-video") && message.contains("openai-video"),
+        "{message}"
+    );
+
+    // A refusal is final: no fallback.
+    let blocked = submit(
+        &stack,
+        &receiver,
+        json!({"model": "openai-video", "prompt": "a blocked idea", "duration": 8}),
+    )
+    .await;
+    let hook = terminal_webhook(&receiver, &blocked).await.json();
+    assert_eq!(hook["status"], "failed", "{hook}");
+    assert!(veo.job_for("a blocked idea").is_none());
     stack.stop().await;
 }

@@ -1,14 +1,18 @@
 //! PostgreSQL: the connection pool, creating the database when it is missing, and the
 //! migrations, embedded in the binary and applied in order under an advisory lock so
-//! several API replicas starting together migrate once.
+//! several API replicas starting together migrate once. Every connection honours
+//! `sslmode` and `sslrootcert` in `database.url` (see [`tls`]).
 
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use conduit_core::config::DatabaseSettings;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tracing::info;
+
+use self::tls::MakeRustls;
+
+mod tls;
 
 /// Every migration, in order. Never edit one that has shipped: add the next.
 const MIGRATIONS: &[(i32, &str, &str)] = &[
@@ -17,6 +21,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "no per-row key checks",
         include_str!("../migrations/0002_no_per_row_key_checks.sql"),
+    ),
+    (
+        3,
+        "image_url",
+        include_str!("../migrations/0003_image_url.sql"),
     ),
     (
         5,
@@ -30,24 +39,37 @@ const MIGRATION_LOCK: i64 = 0x636f_6e64_7569_7401;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-fn pg_config(url: &str) -> anyhow::Result<tokio_postgres::Config> {
-    let mut config: tokio_postgres::Config = url.parse().context("parsing database.url")?;
+/// The driver's configuration and the TLS connector for `database.url`. A CA file that
+/// cannot be read is an error here, before any connection.
+fn pg_config(url: &str) -> anyhow::Result<(tokio_postgres::Config, MakeRustls)> {
+    let (rest, params) = tls::split_tls_params(url)?;
+    let mut config: tokio_postgres::Config = rest.parse().context("parsing database.url")?;
+    config.ssl_mode(params.mode.for_driver());
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     if config.get_application_name().is_none() {
         config.application_name("conduit-api");
     }
-    Ok(config)
+    let tls = MakeRustls::new(&params)?;
+    Ok((config, tls))
+}
+
+/// A failure to be reported at once rather than waited out: the server's certificate
+/// (or the TLS handshake) was refused.
+fn is_tls_refusal(err: &tokio_postgres::Error) -> bool {
+    std::error::Error::source(err)
+        .and_then(|e| e.downcast_ref::<tls::TlsError>())
+        .is_some_and(|e| !matches!(e, tls::TlsError::Broken(_)))
 }
 
 /// Builds the pool. Connections are opened lazily, so this succeeds while the database
 /// is away; every wait is bounded so a request answers 503 instead of hanging.
 pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
-    let config = pg_config(settings.url.expose())?;
+    let (config, tls) = pg_config(settings.url.expose())?;
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -65,20 +87,26 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
 /// Creates the database named in `database.url` when it does not exist, by connecting
 /// to the `postgres` database of the same server.
 pub(crate) async fn ensure_database(settings: &DatabaseSettings) -> anyhow::Result<()> {
-    let config = pg_config(settings.url.expose())?;
+    let (config, tls) = pg_config(settings.url.expose())?;
     let Some(name) = config.get_dbname().map(str::to_owned) else {
         bail!("database.url names no database");
     };
     // A database we can reach needs nothing done (and the role may lack CREATEDB).
-    if let Ok((client, conn)) = config.connect(NoTls).await {
-        tokio::spawn(conn);
-        drop(client);
-        return Ok(());
+    match config.connect(tls.clone()).await {
+        Ok((client, conn)) => {
+            tokio::spawn(conn);
+            drop(client);
+            return Ok(());
+        }
+        Err(e) if is_tls_refusal(&e) => {
+            return Err(e).context("connecting to PostgreSQL");
+        }
+        Err(_) => {}
     }
     let mut admin = config.clone();
     admin.dbname("postgres");
     let (client, conn) = admin
-        .connect(NoTls)
+        .connect(tls)
         .await
         .context("connecting to the postgres database to create the service's database")?;
     tokio::spawn(conn);

@@ -42,7 +42,11 @@ const FORBIDDEN_HEADERS: [&str; 6] = [
     "connection",
     "user-agent",
 ];
-const FIELDS: [&str; 11] = [
+/// Largest `image_url` image, decoded.
+pub const MAX_IMAGE_BYTES: usize = 10 << 20;
+/// Longest `data:` `image_url`: the prefix and 10 MiB as base64.
+pub const MAX_IMAGE_DATA_URI_CHARS: usize = 64 + MAX_IMAGE_BYTES.div_ceil(3) * 4;
+const FIELDS: [&str; 12] = [
     "model",
     "prompt",
     "duration",
@@ -52,6 +56,7 @@ const FIELDS: [&str; 11] = [
     "webhook_url",
     "webhook_headers",
     "webhook_events",
+    "image_url",
     "webhook_retry",
     "webhook_batch",
 ];
@@ -74,6 +79,48 @@ impl ModelEntry {
     pub(crate) fn available(&self) -> bool {
         self.missing_setting.is_none()
     }
+
+    /// Whether the model takes an `image_url`.
+    pub fn image_input(&self) -> bool {
+        self.settings.image_input
+    }
+}
+
+/// The setting a model still needs before it can be used, if any.
+fn missing_setting(id: &str, m: &ModelSettings, settings: &Settings) -> Option<String> {
+    let p = &settings.providers;
+    let model_key = || format!("CONDUIT__MODELS__{}", id.to_uppercase());
+    let no_upstream = m
+        .upstream_model
+        .as_deref()
+        .is_none_or(|u| u.trim().is_empty());
+    match m.provider.as_str() {
+        "local" => None,
+        "minimax" if p.minimax.api_key.is_none() => {
+            Some("CONDUIT__PROVIDERS__MINIMAX__API_KEY".to_owned())
+        }
+        "openai" if p.openai.base_url.trim().is_empty() => {
+            Some("CONDUIT__PROVIDERS__OPENAI__BASE_URL".to_owned())
+        }
+        "openai" if p.openai.api_key.is_none() => {
+            Some("CONDUIT__PROVIDERS__OPENAI__API_KEY".to_owned())
+        }
+        "replicate" if p.replicate.api_key.is_none() => {
+            Some("CONDUIT__PROVIDERS__REPLICATE__API_TOKEN".to_owned())
+        }
+        "fal" if p.fal.api_key.is_none() => Some("CONDUIT__PROVIDERS__FAL__API_KEY".to_owned()),
+        "veo" if p.veo.api_key.is_none() => Some("CONDUIT__PROVIDERS__VEO__API_KEY".to_owned()),
+        // These name the provider's model explicitly: there is no default to fall back on.
+        "openai" | "replicate" | "fal" | "veo" if no_upstream => Some(format!(
+            "models.{id}.upstream_model in the configuration file ({}__UPSTREAM_MODEL)",
+            model_key()
+        )),
+        "minimax" | "openai" | "replicate" | "fal" | "veo" => None,
+        other => Some(format!(
+            "a supported provider (not {other:?}) in {}__PROVIDER",
+            model_key()
+        )),
+    }
 }
 
 /// The configured models, by id.
@@ -82,28 +129,11 @@ pub(crate) struct ModelCatalog(BTreeMap<String, ModelEntry>);
 
 impl ModelCatalog {
     pub(crate) fn from_settings(settings: &Settings) -> Self {
-        let p = &settings.providers;
         let entries = settings
             .models
             .iter()
             .map(|(id, m)| {
-                let missing_setting = match m.provider.as_str() {
-                    "local" => None,
-                    "minimax" if p.minimax.api_key.is_none() => {
-                        Some("CONDUIT__PROVIDERS__MINIMAX__API_KEY".to_owned())
-                    }
-                    "openai" if p.openai.api_key.is_none() => {
-                        Some("CONDUIT__PROVIDERS__OPENAI__API_KEY".to_owned())
-                    }
-                    "replicate" if p.replicate.api_key.is_none() => {
-                        Some("CONDUIT__PROVIDERS__REPLICATE__API_TOKEN".to_owned())
-                    }
-                    "minimax" | "openai" | "replicate" => None,
-                    other => Some(format!(
-                        "a supported provider (not {other:?}) in CONDUIT__MODELS__{}__PROVIDER",
-                        id.to_uppercase().replace('-', "_")
-                    )),
-                };
+                let missing_setting = missing_setting(id, m, settings);
                 let entry = ModelEntry {
                     id: id.clone(),
                     provider: m.provider.clone(),
@@ -192,6 +222,93 @@ impl FrameSize {
 impl std::fmt::Display for FrameSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// The first frame of an image-to-video request: an absolute http(s) URL (its host is
+/// checked separately, [`guard_target`]), or a `data:image/png|jpeg;base64,` URI of at
+/// most [`MAX_IMAGE_BYTES`] decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageUrl {
+    Remote(Url),
+    Data(String),
+}
+
+impl ImageUrl {
+    pub fn parse(raw: &str) -> Result<Self, FieldError> {
+        let invalid = |why: String| FieldError::invalid("image_url", format!("image_url {why}"));
+        if raw
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
+        {
+            let (meta, data) = raw[5..]
+                .split_once(',')
+                .ok_or_else(|| invalid("is a data URI without a ',' before its data".into()))?;
+            let meta = meta.to_ascii_lowercase();
+            if meta != "image/png;base64" && meta != "image/jpeg;base64" {
+                return Err(invalid(
+                    "must be a data:image/png;base64, or data:image/jpeg;base64, URI (or an http/https URL)"
+                        .into(),
+                ));
+            }
+            if raw.len() > MAX_IMAGE_DATA_URI_CHARS {
+                return Err(invalid(format!(
+                    "holds more than {} MiB",
+                    MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .map_err(|e| invalid(format!("is not valid base64 ({e})")))?;
+            if bytes.is_empty() {
+                return Err(invalid("holds no image".into()));
+            }
+            if bytes.len() > MAX_IMAGE_BYTES {
+                return Err(invalid(format!(
+                    "holds more than {} MiB",
+                    MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            let png = bytes.starts_with(b"\x89PNG\r\n\x1a\n");
+            let jpeg = bytes.starts_with(&[0xff, 0xd8, 0xff]);
+            if !(png && meta.starts_with("image/png") || jpeg && meta.starts_with("image/jpeg")) {
+                return Err(invalid(format!(
+                    "does not hold the {} image it declares",
+                    if meta.starts_with("image/png") {
+                        "PNG"
+                    } else {
+                        "JPEG"
+                    }
+                )));
+            }
+            return Ok(Self::Data(raw.to_owned()));
+        }
+        if raw.chars().count() > MAX_URL_CHARS {
+            return Err(invalid(format!(
+                "must be at most {MAX_URL_CHARS} characters (or a data: URI)"
+            )));
+        }
+        let url = Url::parse(raw).map_err(|e| invalid(format!("is not an absolute URL ({e})")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid(
+                "must use http or https (or be a data:image/... URI)".into(),
+            ));
+        }
+        if url.host().is_none() {
+            return Err(invalid("must name a host".into()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(invalid("must not carry user-info (user:password@)".into()));
+        }
+        Ok(Self::Remote(url))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Remote(url) => url.as_str(),
+            Self::Data(raw) => raw,
+        }
     }
 }
 
@@ -323,6 +440,7 @@ pub(crate) struct GenerationRequest {
     pub(crate) webhook_url: Option<WebhookUrl>,
     pub(crate) webhook_headers: WebhookHeaders,
     pub(crate) webhook_events: WebhookEvents,
+    pub(crate) image_url: Option<ImageUrl>,
     pub(crate) webhook_retry: Option<RetrySchedule>,
     pub(crate) webhook_batch: Option<BatchSettings>,
 }
@@ -422,6 +540,29 @@ impl GenerationRequest {
             .map(parse_webhook_events)
             .transpose()?
             .unwrap_or_default();
+        let image_url = match present(obj, "image_url") {
+            None => None,
+            Some(v) => {
+                let image = ImageUrl::parse(v.as_str().ok_or_else(|| {
+                    FieldError::invalid("image_url", "image_url must be a string")
+                })?)?;
+                if !model.image_input() {
+                    let takers: Vec<&str> = models
+                        .iter()
+                        .filter(|m| m.image_input())
+                        .map(|m| m.id.as_str())
+                        .collect();
+                    return Err(FieldError::invalid(
+                        "image_url",
+                        format!(
+                            "model {model_id} cannot take an image_url; models that can: {}",
+                            takers.join(", ")
+                        ),
+                    ));
+                }
+                Some(image)
+            }
+        };
         let webhook_retry = present(obj, "webhook_retry")
             .map(parse_webhook_retry)
             .transpose()?;
@@ -438,6 +579,7 @@ impl GenerationRequest {
             webhook_url,
             webhook_headers,
             webhook_events,
+            image_url,
             webhook_retry,
             webhook_batch,
         })
@@ -459,6 +601,11 @@ impl GenerationRequest {
             "webhook_retry": self.webhook_retry.as_ref().map(ToString::to_string),
             "webhook_batch": self.webhook_batch,
         });
+        let mut canonical = canonical;
+        // Only when present, so the digests of requests without one stay what they were.
+        if let Some(image) = &self.image_url {
+            canonical["image_url"] = serde_json::Value::String(image.as_str().to_owned());
+        }
         Sha256::digest(canonical.to_string().as_bytes()).into()
     }
 }
@@ -501,6 +648,7 @@ impl GenerationRequest {
             updated_at: now,
             completed_at: None,
             last_seq: -1,
+            image_url: self.image_url.as_ref().map(|i| i.as_str().to_owned()),
         };
         let claim = idempotency_key.map(|key| IdempotencyClaim {
             key: key.to_owned(),
@@ -517,19 +665,38 @@ pub(crate) async fn guard_webhook_target(
     url: &WebhookUrl,
     allow_private: bool,
 ) -> Result<(), FieldError> {
+    guard_target(url.url(), "webhook_url", allow_private).await
+}
+
+/// The same check for an `image_url` that is a URL (a data URI goes nowhere); the
+/// generator checks the address it dials too.
+pub(crate) async fn guard_image_target(
+    image: &ImageUrl,
+    allow_private: bool,
+) -> Result<(), FieldError> {
+    match image {
+        ImageUrl::Remote(url) => guard_target(url, "image_url", allow_private).await,
+        ImageUrl::Data(_) => Ok(()),
+    }
+}
+
+/// Refuses a `url` (the request field `param`) on an internal address.
+pub(crate) async fn guard_target(
+    url: &Url,
+    param: &str,
+    allow_private: bool,
+) -> Result<(), FieldError> {
     if allow_private {
         return Ok(());
     }
     let refused = |ip: IpAddr| {
         FieldError::invalid(
-            "webhook_url",
-            format!(
-                "webhook_url points at {ip}, a private, loopback or otherwise internal address"
-            ),
+            param,
+            format!("{param} points at {ip}, a private, loopback or otherwise internal address"),
         )
     };
-    let port = url.url().port_or_known_default().unwrap_or(443);
-    match url.url().host() {
+    let port = url.port_or_known_default().unwrap_or(443);
+    match url.host() {
         Some(Host::Ipv4(ip)) if is_forbidden_ip(IpAddr::V4(ip)) => Err(refused(IpAddr::V4(ip))),
         Some(Host::Ipv6(ip)) if is_forbidden_ip(IpAddr::V6(ip)) => Err(refused(IpAddr::V6(ip))),
         Some(Host::Domain(name)) => {
@@ -814,6 +981,101 @@ mod tests {
         assert_eq!(batch(json!({})), batch(json!({"max_events": 100})));
         assert_ne!(batch(json!({})), batch(json!({"max_events": 10})));
         assert_ne!(batch(json!({})), a.fingerprint());
+    }
+
+    const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+    #[test]
+    fn image_urls() {
+        let png = format!("data:image/png;base64,{PNG_1X1}");
+        let r = GenerationRequest::parse(&with("image_url", json!(png)), &catalog()).unwrap();
+        assert!(matches!(r.image_url, Some(ImageUrl::Data(_))));
+        let r = GenerationRequest::parse(
+            &with("image_url", json!("https://images.example/cat.jpg")),
+            &catalog(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.image_url.as_ref().map(ImageUrl::as_str),
+            Some("https://images.example/cat.jpg")
+        );
+        assert_ne!(
+            r.fingerprint(),
+            GenerationRequest::parse(&base(), &catalog())
+                .unwrap()
+                .fingerprint()
+        );
+        for bad in [
+            json!(5),
+            json!("ftp://x.example/a.png"),
+            json!("https://user:pw@x.example/a.png"),
+            json!(format!("data:image/gif;base64,{PNG_1X1}")),
+            json!(format!("data:image/jpeg;base64,{PNG_1X1}")),
+            json!("data:image/png;base64,not base64!"),
+            json!("data:image/png;base64,"),
+            json!(format!(
+                "data:image/png;base64,{}",
+                "A".repeat(MAX_IMAGE_DATA_URI_CHARS)
+            )),
+        ] {
+            let e = refused(with("image_url", bad.clone()));
+            assert_eq!(
+                (e.code, e.param.as_str()),
+                (FieldCode::InvalidValue, "image_url"),
+                "{bad}"
+            );
+        }
+        // A model that cannot take an image refuses one, naming those that can.
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.minimax.api_key = Some(conduit_core::Secret::new("k"));
+        if let Some(m) = s.models.get_mut("minimax-video") {
+            m.image_input = false;
+        }
+        let cat = ModelCatalog::from_settings(&s);
+        let b = json!({"model": "minimax-video", "prompt": "p", "image_url": png});
+        let e = GenerationRequest::parse(&b, &cat).unwrap_err();
+        assert_eq!(
+            (e.code, e.param.as_str()),
+            (FieldCode::InvalidValue, "image_url")
+        );
+        assert!(e.message.contains("local-video"), "{}", e.message);
+    }
+
+    #[test]
+    fn models_without_a_default_say_what_to_set() {
+        let mut s = Settings::load(conduit_core::Service::Api, None).unwrap();
+        s.providers.openai.api_key = Some(conduit_core::Secret::new("k"));
+        s.providers.fal.api_key = Some(conduit_core::Secret::new("k"));
+        let cat = ModelCatalog::from_settings(&s);
+        assert_eq!(
+            cat.get("openai-video")
+                .and_then(|m| m.missing_setting.clone())
+                .as_deref(),
+            Some("CONDUIT__PROVIDERS__OPENAI__BASE_URL")
+        );
+        s.providers.openai.base_url = "http://127.0.0.1:9".into();
+        let cat = ModelCatalog::from_settings(&s);
+        assert_eq!(
+            cat.get("openai-video")
+                .and_then(|m| m.missing_setting.clone())
+                .as_deref(),
+            Some(
+                "models.openai-video.upstream_model in the configuration file \
+                 (CONDUIT__MODELS__OPENAI-VIDEO__UPSTREAM_MODEL)"
+            )
+        );
+        assert!(cat.get("fal-video").is_some_and(ModelEntry::available));
+        assert!(cat.get("veo-video").is_some_and(|m| !m.available()));
+    }
+
+    #[tokio::test]
+    async fn image_targets_are_guarded_like_webhooks() {
+        let u = ImageUrl::parse("http://127.0.0.1:9/a.png").unwrap();
+        let e = guard_image_target(&u, false).await.unwrap_err();
+        assert_eq!(e.param, "image_url");
+        assert!(guard_image_target(&u, true).await.is_ok());
+        let d = ImageUrl::parse(&format!("data:image/png;base64,{PNG_1X1}")).unwrap();
+        assert!(guard_image_target(&d, false).await.is_ok());
     }
 
     #[tokio::test]

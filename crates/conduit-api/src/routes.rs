@@ -17,14 +17,17 @@ use uuid::Uuid;
 
 use crate::{
     auth::Caller,
-    domain::{guard_webhook_target, GenerationRequest},
+    domain::{guard_image_target, guard_webhook_target, GenerationRequest},
     error::{ApiError, ErrorBody, FieldError},
     ledger::{DeliveryRecord, KeySecrets, Submitted, TaskPage, TaskRow, TaskStatus},
     state::AppState,
 };
 
-/// Largest accepted submit body.
+/// Largest accepted submit body, not counting a `data:` `image_url`.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
+/// Largest submit body read at all: [`MAX_BODY`] plus a `data:` `image_url` of 10 MiB
+/// decoded. What is not the image must still fit in [`MAX_BODY`].
+pub(crate) const MAX_SUBMIT_BODY: usize = MAX_BODY + crate::domain::MAX_IMAGE_DATA_URI_CHARS;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// The submit body, for the OpenAPI description (the handler parses a
@@ -55,6 +58,11 @@ pub(crate) struct GenerationBody {
     webhook_headers: Option<HashMap<String, String>>,
     /// Subset of `progress`, `completed`, `failed`, `cancelled`; default all four.
     webhook_events: Option<Vec<String>>,
+    /// A first frame for image-to-video: an http(s) URL (not an internal address) or a
+    /// `data:image/png;base64,` / `data:image/jpeg;base64,` URI of at most 10 MiB decoded.
+    /// Only for models whose `image_input` is true (`GET /v1/models`); with a data URI the
+    /// body may exceed 64 KiB by the URI's length.
+    image_url: Option<String>,
     /// This task's own retry schedule for terminal webhooks, instead of the operator's.
     webhook_retry: Option<WebhookRetryBody>,
     /// Deliver this task's webhooks in batches (see the webhook documentation).
@@ -200,6 +208,11 @@ pub(crate) struct ModelView {
     /// The setting that makes the model available, while it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) missing_setting: Option<String>,
+    /// Whether the model takes an `image_url` (image-to-video).
+    pub(crate) image_input: bool,
+    /// Models tried in order when this one's provider is rate-limited or unreachable.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) fallback: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -348,10 +361,11 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Reads the body up to [`MAX_BODY`], refusing more without buffering it.
+/// Reads the body up to `limit`, refusing more without buffering it.
 async fn read_body(
     req: &HttpRequest,
     mut payload: web::Payload,
+    limit: usize,
 ) -> Result<web::BytesMut, ApiError> {
     if !is_json_content_type(req.headers()) {
         return Err(ApiError::UnsupportedMediaType);
@@ -361,14 +375,14 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY) {
+    if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(MAX_BODY));
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(MAX_BODY));
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::InvalidJson(format!("Could not read the request body: {e}")))?;
-        if body.len() + chunk.len() > MAX_BODY {
+        if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(MAX_BODY));
         }
         body.extend_from_slice(&chunk);
@@ -411,7 +425,7 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 401, description = "Missing or invalid API key", body = ErrorBody),
         (status = 409, description = "Idempotency-Key reused with another body", body = ErrorBody),
-        (status = 413, description = "Body over 64 KiB", body = ErrorBody),
+        (status = 413, description = "Body over 64 KiB (not counting a data: image_url)", body = ErrorBody),
         (status = 415, description = "Body is not JSON", body = ErrorBody),
         (status = 503, description = "Database unavailable", body = ErrorBody),
     ),
@@ -425,12 +439,24 @@ pub(crate) async fn submit(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let idempotency = idempotency_key(&req)?;
-    let body = read_body(&req, payload).await?;
+    let body = read_body(&req, payload, MAX_SUBMIT_BODY).await?;
     let value: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::InvalidJson(format!("The request body is not valid JSON: {e}")))?;
+    // Only a data: image_url may take the body past 64 KiB.
+    let image_len = value
+        .get("image_url")
+        .and_then(serde_json::Value::as_str)
+        .filter(|u| u.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")))
+        .map_or(0, str::len);
+    if body.len().saturating_sub(image_len) > MAX_BODY {
+        return Err(ApiError::PayloadTooLarge(MAX_BODY));
+    }
     let request = GenerationRequest::parse(&value, &state.models)?;
     if let Some(url) = &request.webhook_url {
         guard_webhook_target(url, state.settings.webhooks.allow_private_targets).await?;
+    }
+    if let Some(image) = &request.image_url {
+        guard_image_target(image, state.settings.webhooks.allow_private_targets).await?;
     }
     let new = request.to_new_task(caller.key_id, idempotency.as_deref())?;
     let task = match state.ledger.submit(new).await? {
@@ -749,6 +775,8 @@ pub(crate) async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpR
                 .as_ref()
                 .map(|tiers| tiers.iter().map(|t| t.name.clone()).collect()),
             missing_setting: m.missing_setting.clone(),
+            image_input: m.image_input(),
+            fallback: m.settings.fallback.clone(),
         })
         .collect();
     HttpResponse::Ok().json(ModelList {

@@ -211,6 +211,7 @@ fn job() -> Outgoing {
             seed: None,
         },
         submitted_at: now_millis(),
+        image_url: None,
     };
     Outgoing::json(route::JOBS, &job)
         .map(|o| o.for_task(task_id).with_message_id(format!("{task_id}:1")))

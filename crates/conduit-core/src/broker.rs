@@ -7,7 +7,12 @@
 //! connection is an error the caller sees, never a silent drop. Every consume uses manual
 //! acks, a bounded prefetch and a bounded number of handlers in flight.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{anyhow, bail, Context};
 use futures::StreamExt;
@@ -17,6 +22,7 @@ use lapin::{
         BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
         QueueBindOptions, QueueDeclareOptions,
     },
+    tcp::OwnedTLSConfig,
     types::{AMQPValue, FieldTable, ShortString},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
 };
@@ -26,7 +32,7 @@ use tokio::{
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 use uuid::Uuid;
 
 use crate::{config::AmqpSettings, topology::Topology};
@@ -152,11 +158,14 @@ impl Broker {
     pub fn start(settings: &AmqpSettings, name: &str, shutdown: CancellationToken) -> Self {
         let topology = Topology::new(settings.namespace.clone());
         let (tx, rx) = watch::channel(None);
-        let url = settings.url.expose().to_owned();
+        let target = Endpoint {
+            url: settings.url.expose().to_owned(),
+            ca_file: settings.ca_file().map(Path::to_path_buf),
+        };
         let conn_name = format!("{name} ({})", settings.namespace);
         let task_topology = topology.clone();
         tokio::spawn(async move {
-            supervise(url, conn_name, task_topology, tx, shutdown).await;
+            supervise(target, conn_name, task_topology, tx, shutdown).await;
         });
         Self {
             inner: Arc::new(Inner { topology, live: rx }),
@@ -836,8 +845,46 @@ fn healthy(conn: &Connection, publish: &Channel) -> bool {
     conn.status().connected() && publish.status().connected()
 }
 
-async fn supervise(
+/// Where the broker is: its URL and, for `amqps://`, an extra CA file.
+struct Endpoint {
     url: String,
+    ca_file: Option<PathBuf>,
+}
+
+impl Endpoint {
+    /// The TLS settings of one connection attempt: the CA file, read afresh (so a rotated
+    /// file is picked up), trusted next to the system roots.
+    fn tls(&self) -> anyhow::Result<OwnedTLSConfig> {
+        let Some(path) = &self.ca_file else {
+            return Ok(OwnedTLSConfig::default());
+        };
+        // Checks the file the same way configuration loading did; lapin parses it again.
+        crate::tls::read_pem_certificates(path, "amqp.ca_file")?;
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("amqp.ca_file: cannot read {}: {e}", path.display()))?;
+        Ok(OwnedTLSConfig {
+            identity: None,
+            cert_chain: Some(pem),
+        })
+    }
+
+    /// Says what was refused when the broker's certificate is not trusted.
+    fn refusal(&self, err: &anyhow::Error) -> Option<String> {
+        let tls = err.chain().find_map(crate::tls::rustls_error)?;
+        let trust = match &self.ca_file {
+            Some(path) => format!("amqp.ca_file {} and the system roots", path.display()),
+            None => "the system roots (amqp.ca_file is not set)".to_owned(),
+        };
+        Some(if crate::tls::is_certificate_refusal(tls) {
+            format!("the broker's TLS certificate was refused ({tls}); trusted: {trust}")
+        } else {
+            format!("the TLS handshake with the broker failed ({tls}); trusted: {trust}")
+        })
+    }
+}
+
+async fn supervise(
+    target: Endpoint,
     name: String,
     topology: Topology,
     tx: watch::Sender<Option<Live>>,
@@ -845,7 +892,7 @@ async fn supervise(
 ) {
     let mut delay = Duration::from_millis(100);
     loop {
-        let attempt = connect(&url, &name, &topology);
+        let attempt = connect(&target, &name, &topology);
         let result = tokio::select! {
             r = tokio::time::timeout(Duration::from_secs(10), attempt) => r.unwrap_or_else(|_| Err(anyhow!("timed out connecting"))),
             () = shutdown.cancelled() => return,
@@ -890,7 +937,16 @@ async fn supervise(
                 });
             }
             Err(err) => {
-                warn!(connection = %name, error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ not reachable");
+                // A refused certificate is retried like an outage (the broker's
+                // certificate or the CA file may be fixed without restarting the
+                // service; /readyz says 503 meanwhile), but logged as the error it is
+                // when lapin hands it back. (While lapin retries the handshake itself,
+                // rustls' verifier logs each refusal at ERROR.)
+                if let Some(refusal) = target.refusal(&err) {
+                    error!(connection = %name, error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ refused: {refusal}");
+                } else {
+                    warn!(connection = %name, error = %format!("{err:#}"), retry_in_ms = delay.as_millis() as u64, "RabbitMQ not reachable");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = shutdown.cancelled() => return,
@@ -901,7 +957,8 @@ async fn supervise(
     }
 }
 
-async fn connect(url: &str, name: &str, topology: &Topology) -> anyhow::Result<Live> {
+async fn connect(target: &Endpoint, name: &str, topology: &Topology) -> anyhow::Result<Live> {
+    let tls = target.tls()?;
     let props = ConnectionProperties::default()
         .with_connection_name(name.into())
         .enable_auto_recover()
@@ -910,7 +967,9 @@ async fn connect(url: &str, name: &str, topology: &Topology) -> anyhow::Result<L
                 .with_max_delay(Duration::from_secs(5))
                 .without_max_times()
         });
-    let conn = Connection::connect(url, props)
+    crate::tls::install_crypto_provider();
+    let runtime = lapin::runtime::default_runtime().context("starting the AMQP runtime")?;
+    let conn = Connection::connect_with_config(&target.url, props, tls, runtime)
         .await
         .context("connecting to RabbitMQ")?;
     let publish = conn.create_channel().await.context("opening channel")?;

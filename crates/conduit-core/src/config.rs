@@ -2,7 +2,12 @@
 //! optional file (`--config PATH` or `CONDUIT_CONFIG`), then `CONDUIT__SECTION__KEY`
 //! environment variables. Secrets are wrapped in [`Secret`] so they never reach a log.
 
-use std::{collections::BTreeMap, fmt, path::Path, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::Context;
 use serde::{Deserialize, Deserializer};
@@ -77,6 +82,19 @@ pub struct AmqpSettings {
     pub namespace: String,
     /// Unacknowledged deliveries a consumer holds at once.
     pub prefetch: u16,
+    /// PEM file of CA certificates trusted for an `amqps://` broker, besides the system
+    /// roots. Read at every connection attempt, so a rotated file needs no restart.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl AmqpSettings {
+    /// The CA file for `amqps://`, when one is set (an empty value counts as unset).
+    pub fn ca_file(&self) -> Option<&Path> {
+        self.ca_file
+            .as_deref()
+            .filter(|path| !path.as_os_str().is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -124,6 +142,8 @@ pub struct ProviderSettings {
     pub minimax: ProviderAccount,
     pub openai: ProviderAccount,
     pub replicate: ProviderAccount,
+    pub fal: ProviderAccount,
+    pub veo: ProviderAccount,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,11 +161,11 @@ fn default_poll_seconds() -> f64 {
     2.0
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 pub struct ModelSettings {
-    /// `local`, `minimax`, `openai` or `replicate`.
+    /// `local`, `minimax`, `openai`, `replicate`, `fal` or `veo`.
     pub provider: String,
-    /// The provider's own model name (`MiniMax-Hailuo-02`, `sora-2`, `owner/name`).
+    /// The provider's own model name (`MiniMax-Hailuo-02`, `owner/name`, a fal endpoint id).
     #[serde(default)]
     pub upstream_model: Option<String>,
     /// Longest duration in seconds the model accepts (the API refuses more).
@@ -154,7 +174,7 @@ pub struct ModelSettings {
     /// The only durations, in seconds, the model can make (MiniMax Hailuo: 6 and 10).
     #[serde(default)]
     pub durations: Option<Vec<u32>>,
-    /// The only sizes the model can make, exactly as `WIDTHxHEIGHT` (`sora-2`: `1280x720`, `720x1280`).
+    /// The only sizes the model can make, exactly as `WIDTHxHEIGHT` (Veo: `1280x720`, `720x1280`, ...).
     #[serde(default)]
     pub sizes: Option<Vec<String>>,
     /// The output resolutions of a model that takes a resolution name rather than a size
@@ -162,6 +182,21 @@ pub struct ModelSettings {
     /// least as tall as the size's height; these models render landscape frames only.
     #[serde(default)]
     pub resolutions: Option<Vec<ResolutionTier>>,
+    /// Whether the model takes an `image_url` (a first frame); the API refuses one otherwise.
+    #[serde(default)]
+    pub image_input: bool,
+    /// The upstream model to use instead of `upstream_model` when the request has an image
+    /// (fal serves text-to-video and image-to-video as different endpoints).
+    #[serde(default)]
+    pub image_upstream_model: Option<String>,
+    /// The input field that carries the image, for providers whose models name it
+    /// differently (Replicate: `first_frame_image`, `start_image`, `image`; fal: `image_url`).
+    #[serde(default)]
+    pub image_field: Option<String>,
+    /// Other model ids to try, in order, when this model's provider rate-limits or cannot
+    /// be reached after its retries (never after a refusal or a bad request).
+    #[serde(default)]
+    pub fallback: Vec<String>,
 }
 
 /// One output resolution of a model, such as MiniMax's `768P`.
@@ -389,6 +424,13 @@ impl Settings {
             "amqp.namespace must be non-empty and use only letters, digits, '-', '_' and '.'"
         );
         anyhow::ensure!(self.amqp.prefetch > 0, "amqp.prefetch must be at least 1");
+        if let Some(ca) = self.amqp.ca_file() {
+            anyhow::ensure!(
+                self.amqp.url.expose().starts_with("amqps://"),
+                "amqp.ca_file is set but amqp.url is not an amqps:// URL: the CA would never be used"
+            );
+            crate::tls::read_pem_certificates(ca, "amqp.ca_file")?;
+        }
         anyhow::ensure!(
             self.webhooks.concurrency > 0,
             "webhooks.concurrency must be at least 1"
@@ -451,11 +493,20 @@ fn defaults(
         .set_default("generator.task_timeout_seconds", 1800)?
         .set_default("generator.max_attempts", 3)?
         .set_default("providers.minimax.base_url", "https://api.minimax.io")?
-        .set_default("providers.openai.base_url", "https://api.openai.com")?
+        // No default server: OpenAI shut its Videos API down on 2026-09-24; the protocol
+        // lives on at servers that copied it, and the operator names one.
+        .set_default("providers.openai.base_url", "")?
         .set_default("providers.replicate.base_url", "https://api.replicate.com")?
+        .set_default("providers.fal.base_url", "https://queue.fal.run")?
+        .set_default(
+            "providers.veo.base_url",
+            "https://generativelanguage.googleapis.com",
+        )?
         .set_default("models.local-video.provider", "local")?
+        .set_default("models.local-video.image_input", true)?
         .set_default("models.minimax-video.provider", "minimax")?
         .set_default("models.minimax-video.upstream_model", "MiniMax-Hailuo-02")?
+        .set_default("models.minimax-video.image_input", true)?
         .set_default("models.minimax-video.max_duration", 10)?
         .set_default("models.minimax-video.durations", vec![6, 10])?
         .set_default(
@@ -466,15 +517,39 @@ fn defaults(
                 tier("1080P", 1080, Some(6)),
             ],
         )?
+        // `openai-video` has no upstream model and no limits by default: it stays
+        // unavailable until the operator names the server's model (and its limits).
         .set_default("models.openai-video.provider", "openai")?
-        .set_default("models.openai-video.upstream_model", "sora-2")?
-        .set_default("models.openai-video.max_duration", 12)?
-        .set_default("models.openai-video.durations", vec![4, 8, 12])?
-        .set_default("models.openai-video.sizes", vec!["1280x720", "720x1280"])?
+        .set_default("models.openai-video.image_input", true)?
         .set_default("models.replicate-video.provider", "replicate")?
         .set_default("models.replicate-video.upstream_model", "minimax/video-01")?
         .set_default("models.replicate-video.durations", vec![6])?
         .set_default("models.replicate-video.sizes", vec!["1280x720"])?
+        .set_default("models.replicate-video.image_input", true)?
+        .set_default("models.replicate-video.image_field", "first_frame_image")?
+        .set_default("models.fal-video.provider", "fal")?
+        .set_default(
+            "models.fal-video.upstream_model",
+            "fal-ai/kling-video/v2.1/standard/text-to-video",
+        )?
+        .set_default(
+            "models.fal-video.image_upstream_model",
+            "fal-ai/kling-video/v2.1/standard/image-to-video",
+        )?
+        .set_default("models.fal-video.durations", vec![5, 10])?
+        .set_default("models.fal-video.image_input", true)?
+        .set_default("models.fal-video.image_field", "image_url")?
+        .set_default("models.veo-video.provider", "veo")?
+        .set_default(
+            "models.veo-video.upstream_model",
+            "veo-3.1-generate-preview",
+        )?
+        .set_default("models.veo-video.durations", vec![4, 6, 8])?
+        .set_default(
+            "models.veo-video.sizes",
+            vec!["1280x720", "720x1280", "1920x1080", "1080x1920"],
+        )?
+        .set_default("models.veo-video.image_input", true)?
         .set_default("log.format", "json")?
         .set_default("log.level", "info")?;
     Ok(b)
@@ -565,18 +640,20 @@ mod tests {
             .unwrap()
             .try_deserialize()
             .unwrap();
-        let o = model(&s, "openai-video");
-        assert!(o.check_request("openai-video", 8, 1280, 720).is_ok());
-        assert!(o.check_request("openai-video", 4, 720, 1280).is_ok());
-        let e = o.check_request("openai-video", 6, 1280, 720).unwrap_err();
+        let o = model(&s, "veo-video");
+        assert!(o.check_request("veo-video", 8, 1280, 720).is_ok());
+        assert!(o.check_request("veo-video", 4, 720, 1280).is_ok());
+        let e = o.check_request("veo-video", 5, 1280, 720).unwrap_err();
         assert_eq!(e.param, "duration");
-        assert!(e.message.contains("4, 8 or 12"), "{}", e.message);
+        assert!(e.message.contains("4, 6 or 8"), "{}", e.message);
         assert_eq!(
-            o.check_request("openai-video", 8, 1920, 1080)
-                .unwrap_err()
-                .param,
+            o.check_request("veo-video", 8, 640, 360).unwrap_err().param,
             "size"
         );
+        // No default server or model for the `/v1/videos` protocol.
+        let openai = model(&s, "openai-video");
+        assert_eq!(openai.upstream_model, None);
+        assert!(s.providers.openai.base_url.is_empty());
         let local = model(&s, "local-video");
         assert!(local.check_request("local-video", 60, 3840, 64).is_ok());
     }

@@ -16,6 +16,7 @@ pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod time;
+pub mod tls;
 pub mod topology;
 
 pub use broker::{Broker, ConsumeLimits, Disposition, Incoming, Outgoing, Source, Target};

@@ -42,6 +42,11 @@ pub struct JobMessage {
     pub spec: RenderSpec,
     #[serde(with = "rfc3339_millis")]
     pub submitted_at: DateTime<Utc>,
+    /// The first frame for image-to-video, as the user gave it: an `http`/`https` URL
+    /// (checked against private targets) or a `data:image/png|jpeg;base64,` URI. Absent
+    /// in jobs of older APIs, which a generator reads as text-to-video.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
 }
 
 impl JobMessage {
@@ -75,6 +80,10 @@ pub enum StatusKind {
     Completed {
         video_key: String,
         generation_duration_seconds: f64,
+        /// The model that made the video when it is not the task's own (a `fallback`
+        /// model took over); absent otherwise and from older generators.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<String>,
     },
     Failed {
         error: String,

@@ -12,7 +12,7 @@ use object_store::{
     local::LocalFileSystem,
     path::Path,
     signer::Signer,
-    ObjectStore, PutPayload,
+    Attribute, Attributes, ObjectStore, PutOptions, PutPayload,
 };
 use reqwest::Method;
 
@@ -23,7 +23,13 @@ pub struct VideoStore {
     /// Set for S3, which hands out pre-signed URLs instead of having the API serve bytes.
     s3: Option<Arc<AmazonS3>>,
     prefix: Path,
+    /// The store keeps object attributes (S3 does; a local folder refuses them), so a
+    /// video is stored with its `Content-Type`.
+    keeps_attributes: bool,
 }
+
+/// The media type of every stored video, which S3 hands back on a pre-signed GET.
+pub const VIDEO_CONTENT_TYPE: &str = "video/mp4";
 
 impl std::fmt::Debug for VideoStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,6 +57,7 @@ impl VideoStore {
                 store: Arc::new(store),
                 s3: None,
                 prefix: Path::default(),
+                keeps_attributes: false,
             });
         }
         if let Some(rest) = url.strip_prefix("s3://") {
@@ -68,6 +75,7 @@ impl VideoStore {
                 store: s3.clone(),
                 s3: Some(s3),
                 prefix: Path::from(prefix.trim_matches('/')),
+                keeps_attributes: true,
             });
         }
         bail!("unsupported storage URL {url:?}: use file://PATH or s3://bucket/prefix")
@@ -78,10 +86,26 @@ impl VideoStore {
         self.prefix.parts().chain(key.parts()).collect()
     }
 
+    /// What every video is stored with: `Content-Type: video/mp4` where the store keeps it.
+    fn put_options(&self) -> PutOptions {
+        let mut attributes = Attributes::new();
+        if self.keeps_attributes {
+            attributes.insert(Attribute::ContentType, VIDEO_CONTENT_TYPE.into());
+        }
+        PutOptions {
+            attributes,
+            ..PutOptions::default()
+        }
+    }
+
     /// Stores `bytes` under `key`, replacing any earlier object atomically.
     pub async fn put(&self, key: &str, bytes: Bytes) -> anyhow::Result<()> {
         self.store
-            .put(&self.path(key), PutPayload::from_bytes(bytes))
+            .put_opts(
+                &self.path(key),
+                PutPayload::from_bytes(bytes),
+                self.put_options(),
+            )
             .await
             .with_context(|| format!("storing video {key}"))?;
         Ok(())
@@ -147,6 +171,44 @@ mod tests {
             None
         );
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stored_videos_carry_their_content_type() {
+        // The in-memory store keeps attributes as S3 does.
+        let store = VideoStore {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            s3: None,
+            prefix: Path::from("pre"),
+            keeps_attributes: true,
+        };
+        let key = video_key(uuid::Uuid::nil(), 2);
+        store
+            .put(&key, Bytes::from_static(b"mp4 bytes"))
+            .await
+            .unwrap();
+        let got = store
+            .store
+            .get(&Path::from(format!("pre/{key}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.attributes
+                .get(&Attribute::ContentType)
+                .map(|v| v.as_ref()),
+            Some(VIDEO_CONTENT_TYPE)
+        );
+
+        // The S3 store asks for it on every put.
+        let s3 = VideoStore::from_url("s3://bucket/videos").unwrap();
+        let options = s3.put_options();
+        assert_eq!(
+            options
+                .attributes
+                .get(&Attribute::ContentType)
+                .map(|v| v.as_ref()),
+            Some("video/mp4")
+        );
     }
 
     #[test]

@@ -78,6 +78,7 @@ impl App {
             metrics,
             task_timeout: settings.task_timeout(),
             max_attempts: settings.generator.max_attempts,
+            images: providers::ImageLoader::new(settings.webhooks.allow_private_targets),
         };
         Ok(App {
             worker,

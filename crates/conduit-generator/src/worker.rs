@@ -22,7 +22,10 @@ use tracing::{info, warn, Instrument};
 use crate::{
     cancels::CancelRegistry,
     metrics::Metrics,
-    providers::{GenerationContext, GenerationError, ProgressReporter, ProgressUpdate, Providers},
+    providers::{
+        GenerationContext, GenerationError, ImageLoader, ProgressReporter, ProgressUpdate,
+        Providers,
+    },
     throttle::ProgressThrottle,
 };
 
@@ -42,6 +45,8 @@ pub struct Worker {
     pub metrics: Metrics,
     pub task_timeout: Duration,
     pub max_attempts: u32,
+    /// Reads jobs' `image_url`s (internal addresses refused unless allowed).
+    pub images: ImageLoader,
 }
 
 /// Counts a job in the in-flight gauge for as long as it is alive.
@@ -183,7 +188,7 @@ impl Worker {
         }
         self.metrics.jobs_started.inc();
         let started = Instant::now();
-        let outcome = self.generate(&job, &events, &work, started).await;
+        let (outcome, made_by) = self.generate(&job, &events, &work, started).await;
         // Whatever happened, the provider's work stops now.
         work.cancel();
 
@@ -213,10 +218,12 @@ impl Worker {
                     Ok(()) => {
                         self.metrics.jobs_completed.inc();
                         self.metrics.generation_seconds.observe(elapsed);
-                        info!(video_key = %key, seconds = elapsed, "video generated");
+                        info!(video_key = %key, seconds = elapsed, made_by = %made_by, "video generated");
                         StatusKind::Completed {
                             video_key: key,
                             generation_duration_seconds: (elapsed * 1000.0).round() / 1000.0,
+                            // Named only when a fallback model made the video.
+                            model: (made_by != job.model).then_some(made_by),
                         }
                     }
                     Err(err) => {
@@ -250,7 +257,9 @@ impl Worker {
                     error: "Video generation was stopped unexpectedly".into(),
                 }
             }
-            Outcome::Finished(Err(GenerationError::Failed(error))) => {
+            Outcome::Finished(Err(
+                GenerationError::Failed(error) | GenerationError::Unavailable(error),
+            )) => {
                 warn!(%error, "generation failed");
                 self.metrics.jobs_failed.with_label_values(&["error"]).inc();
                 StatusKind::Failed { error }
@@ -260,26 +269,68 @@ impl Worker {
         self.finish(&events, terminal).await
     }
 
+    /// Runs the job's provider and, while one is unavailable (rate-limited or unreachable
+    /// after its retries), the models of its `fallback` list in order. Returns the result
+    /// and the model that produced it.
+    async fn generate_with_fallbacks(
+        &self,
+        job: &JobMessage,
+        ctx: GenerationContext,
+    ) -> (
+        Result<crate::providers::GeneratedVideo, GenerationError>,
+        String,
+    ) {
+        let mut current = job.clone();
+        let mut fallbacks = self.providers.fallbacks(job).into_iter();
+        loop {
+            let provider = match self.providers.resolve(&current) {
+                Ok(provider) => provider,
+                Err(error) => return (Err(GenerationError::Failed(error)), current.model),
+            };
+            match provider.generate(&current, ctx.clone()).await {
+                Err(GenerationError::Unavailable(why)) => {
+                    let Some(next) = fallbacks.next() else {
+                        return (Err(GenerationError::Unavailable(why)), current.model);
+                    };
+                    warn!(model = %current.model, fallback = %next.model, reason = %why, "provider unavailable; trying the fallback model");
+                    ctx.progress.report(ProgressUpdate {
+                        percent: 0,
+                        message: format!(
+                            "Model {} is unavailable ({why}); generating with fallback model {}",
+                            current.model, next.model
+                        ),
+                        eta_seconds: None,
+                    });
+                    current = next;
+                }
+                result => return (result, current.model),
+            }
+        }
+    }
+
     /// Runs the provider with progress events, until it finishes, the task times out or
-    /// the work is stopped (cancel, shutdown).
+    /// the work is stopped (cancel, shutdown). Also returns the model that ran last.
     async fn generate(
         &self,
         job: &JobMessage,
         events: &Events,
         work: &CancellationToken,
         started: Instant,
-    ) -> Outcome {
-        let provider = match self.providers.resolve(job) {
-            Ok(provider) => provider,
-            Err(error) => return Outcome::Finished(Err(GenerationError::Failed(error))),
-        };
+    ) -> (Outcome, String) {
         let (tx, mut rx) = watch::channel::<Option<ProgressUpdate>>(None);
+        // Progress never goes back, also when a fallback model starts over.
+        let highest = std::sync::atomic::AtomicU8::new(0);
         let ctx = GenerationContext {
-            progress: ProgressReporter::new(move |update| {
+            progress: ProgressReporter::new(move |mut update| {
+                update.percent = highest
+                    .fetch_max(update.percent, Ordering::Relaxed)
+                    .max(update.percent);
                 tx.send_replace(Some(update));
             }),
             cancel: work.clone(),
+            images: self.images.clone(),
         };
+        let ran = std::sync::Mutex::new(job.model.clone());
         let done = CancellationToken::new();
         let progress = async {
             let mut throttle = ProgressThrottle::new(started);
@@ -306,10 +357,17 @@ impl Worker {
             }
         };
         let generation = async {
+            let chain = async {
+                let (result, model) = self.generate_with_fallbacks(job, ctx).await;
+                if let Ok(mut ran) = ran.lock() {
+                    *ran = model;
+                }
+                result
+            };
             let outcome = tokio::select! {
                 // A result that is ready wins over a cancel or timeout that came with it.
                 biased;
-                result = provider.generate(job, ctx) => Outcome::Finished(result),
+                result = chain => Outcome::Finished(result),
                 () = tokio::time::sleep(self.task_timeout) => Outcome::TimedOut,
                 () = work.cancelled() => Outcome::Stopped,
             };
@@ -319,7 +377,8 @@ impl Worker {
         // The progress loop ends with the generation (after any publish in progress), so
         // no progress event is published after the terminal one.
         let (outcome, ()) = tokio::join!(generation, progress);
-        outcome
+        let model = ran.into_inner().unwrap_or_else(|e| e.into_inner());
+        (outcome, model)
     }
 
     /// Publishes the terminal event; acknowledges the job only once it is confirmed.

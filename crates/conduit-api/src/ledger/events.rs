@@ -101,9 +101,11 @@ pub(super) async fn apply(
             StatusKind::Completed {
                 video_key,
                 generation_duration_seconds,
+                model,
             } => StatusKind::Completed {
                 video_key: storable(video_key),
                 generation_duration_seconds: *generation_duration_seconds,
+                model: model.as_deref().map(storable),
             },
             StatusKind::Failed { error } => StatusKind::Failed {
                 error: storable(error),
@@ -181,10 +183,25 @@ pub(super) async fn apply(
         StatusKind::Completed {
             video_key,
             generation_duration_seconds,
+            model: fallback,
         } => {
+            // A fallback model that made the video is named in the message and the
+            // webhook's `model`; the task keeps the model it was submitted for.
+            let made_by = fallback
+                .clone()
+                .filter(|m| *m != task.model)
+                .unwrap_or_else(|| task.model.clone());
+            let message = if made_by == task.model {
+                "Video generation completed".to_owned()
+            } else {
+                format!(
+                    "Video generation completed by fallback model {made_by} ({} was unavailable)",
+                    task.model
+                )
+            };
             tx.execute(
                 "UPDATE tasks SET status = 'completed', progress = 100, eta_seconds = NULL,
-                     message = 'Video generation completed',
+                     message = $7,
                      video_key = $2, generation_duration_seconds = $3, completed_at = $4,
                      last_seq = $5, updated_at = $6
                  WHERE id = $1",
@@ -195,6 +212,7 @@ pub(super) async fn apply(
                     &at,
                     &seq,
                     &now,
+                    &message,
                 ],
             )
             .await
@@ -206,7 +224,7 @@ pub(super) async fn apply(
                     at,
                     url,
                     *generation_duration_seconds,
-                    task.model.clone(),
+                    made_by,
                     task.prompt.clone(),
                 )))
             } else {

@@ -197,7 +197,7 @@ pub(super) async fn retry(
                      message = NULL, eta_seconds = NULL, video_key = NULL,
                      generation_duration_seconds = NULL, error = NULL, completed_at = NULL,
                      last_seq = -1, updated_at = $2
-                 WHERE id = $1 RETURNING {TASK_COLUMNS}"
+                 WHERE id = $1 RETURNING {TASK_COLUMNS}, image_url"
             ),
             &[&task.id, &now],
         )

@@ -88,6 +88,9 @@ pub(crate) struct TaskRow {
     pub(crate) updated_at: DateTime<Utc>,
     pub(crate) completed_at: Option<DateTime<Utc>>,
     pub(crate) last_seq: i64,
+    /// The first frame of an image-to-video task (`image_url` as submitted). Not among
+    /// [`TASK_COLUMNS`]: only a query that adds `image_url` fills it in.
+    pub(crate) image_url: Option<String>,
 }
 
 pub(super) const TASK_COLUMNS: &str =
@@ -139,6 +142,9 @@ impl TaskRow {
             updated_at: row.try_get("updated_at")?,
             completed_at: row.try_get("completed_at")?,
             last_seq: row.try_get("last_seq")?,
+            // Read only where a job is built (retry): a data URI can be megabytes, and
+            // the ledger and the task views have no use for it.
+            image_url: row.try_get("image_url").ok().flatten(),
         })
     }
 
@@ -160,6 +166,7 @@ impl TaskRow {
                 seed: self.seed,
             },
             submitted_at: self.updated_at,
+            image_url: self.image_url.clone(),
         }
     }
 

@@ -73,6 +73,7 @@ async fn cancel_after_completion_is_refused() {
         StatusKind::Completed {
             video_key: video_key(id, 1),
             generation_duration_seconds: 1.0,
+            model: None,
         },
     )
     .await;
@@ -114,6 +115,7 @@ async fn cancel_racing_completion_ends_in_exactly_one_terminal_state() {
                 StatusKind::Completed {
                     video_key: video_key(id, 1),
                     generation_duration_seconds: 2.0,
+                    model: None,
                 },
             )
             .await

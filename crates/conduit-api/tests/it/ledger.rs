@@ -30,6 +30,7 @@ fn completed(id: Uuid, attempt: i32) -> StatusKind {
     StatusKind::Completed {
         video_key: video_key(id, attempt),
         generation_duration_seconds: 4.25,
+        model: None,
     }
 }
 

@@ -121,6 +121,7 @@ async fn a_task_stays_pending_without_a_generator_and_runs_once_one_starts() {
         StatusKind::Completed {
             video_key: conduit_core::storage::video_key(id, 1),
             generation_duration_seconds: 1.5,
+            model: None,
         },
     )
     .await;
@@ -147,9 +148,21 @@ async fn models_lists_every_configured_model_and_its_availability() {
     // What each model can make is listed, so a client need not learn it from a 400.
     assert_eq!(minimax["durations"], json!([6, 10]));
     assert_eq!(minimax["resolutions"], json!(["512P", "768P", "1080P"]));
-    let openai = data.iter().find(|m| m["id"] == "openai-video").unwrap();
-    assert_eq!(openai["sizes"], json!(["1280x720", "720x1280"]));
+    let veo = data.iter().find(|m| m["id"] == "veo-video").unwrap();
+    assert_eq!(
+        veo["sizes"],
+        json!(["1280x720", "720x1280", "1920x1080", "1080x1920"])
+    );
     assert!(local.get("durations").is_none());
+    // Which models take an image_url; a /v1/videos model needs its server first.
+    assert_eq!(local["image_input"], true);
+    assert_eq!(veo["image_input"], true);
+    let openai = data.iter().find(|m| m["id"] == "openai-video").unwrap();
+    assert_eq!(openai["available"], false);
+    assert_eq!(
+        openai["missing_setting"],
+        "CONDUIT__PROVIDERS__OPENAI__BASE_URL"
+    );
     app.stop().await;
 }
 
@@ -181,5 +194,107 @@ async fn operator_endpoints_answer() {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_image_url_is_kept_with_the_task_and_a_large_data_uri_passes_the_body_limit() {
+    use base64::Engine;
+    let app = TestApp::spawn_with(|s| s.webhooks.allow_private_targets = false).await;
+    // A PNG signature and 200 KiB of data: the body is over 64 KiB because of the image only.
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(std::iter::repeat_n(7u8, 200 * 1024));
+    let image = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(&png)
+    );
+    let mut b = body();
+    b["image_url"] = json!(image);
+    let id = app.submit_ok(&b).await;
+    let client = app.pool.get().await.unwrap();
+    let row = client
+        .query_one("SELECT image_url FROM tasks WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    let stored: Option<String> = row.get(0);
+    assert_eq!(stored.as_deref(), Some(image.as_str()));
+    let job = client
+        .query_one("SELECT body FROM outbox WHERE task_id = $1", &[&id])
+        .await;
+    if let Ok(job) = job {
+        let job: Vec<u8> = job.get(0);
+        let job: serde_json::Value = serde_json::from_slice(&job).unwrap();
+        assert_eq!(job["image_url"], json!(image));
+    }
+    // The same padding outside image_url is too large.
+    let mut b = body();
+    b["prompt"] = json!("x".repeat(70 * 1024));
+    assert_eq!(app.submit(&b).await.0, 413);
+    // An image URL on an internal address is refused like a webhook target.
+    let mut b = body();
+    b["image_url"] = json!("http://127.0.0.1:9/cat.png");
+    let (status, json) = app.submit(&b).await;
+    assert_eq!(status, 400);
+    assert_eq!(json["error"]["param"], "image_url");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_image_task_carries_its_image_again() {
+    let app = TestApp::spawn().await;
+    let mut jobs = app.collect(Source::Queue(route::JOBS.into()));
+    let mut b = body();
+    b["image_url"] = json!("https://images.example/first.png");
+    let id = app.submit_ok(&b).await;
+    let first = jobs.next().await;
+    assert_eq!(first["image_url"], "https://images.example/first.png");
+    app.status_event(
+        id,
+        1,
+        1,
+        StatusKind::Failed {
+            error: "provider said no".into(),
+        },
+    )
+    .await;
+    app.wait_status(id, "failed").await;
+    let (status, _) = app
+        .post(&format!("/v1/videos/generations/tasks/{id}/retry"))
+        .await;
+    assert_eq!(status, 202);
+    let second = jobs.next().await;
+    assert_eq!(second["attempt"], 2);
+    assert_eq!(second["image_url"], "https://images.example/first.png");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_video_made_by_a_fallback_model_says_so() {
+    let app = TestApp::spawn().await;
+    let mut hooks = app.collect(Source::Queue(route::WEBHOOKS.into()));
+    let mut b = body();
+    b["webhook_url"] = json!("https://example.com/hook");
+    b["webhook_events"] = json!(["completed"]);
+    let id = app.submit_ok(&b).await;
+    app.status_event(
+        id,
+        1,
+        1,
+        StatusKind::Completed {
+            video_key: conduit_core::storage::video_key(id, 1),
+            generation_duration_seconds: 2.0,
+            model: Some("veo-video".into()),
+        },
+    )
+    .await;
+    let t = app.wait_status(id, "completed").await;
+    assert_eq!(t["model"], "local-video");
+    assert_eq!(
+        t["message"],
+        "Video generation completed by fallback model veo-video (local-video was unavailable)"
+    );
+    let hook = hooks.next().await;
+    let payload: serde_json::Value = serde_json::from_str(hook["body"].as_str().unwrap()).unwrap();
+    assert_eq!(payload["model"], "veo-video");
     app.stop().await;
 }

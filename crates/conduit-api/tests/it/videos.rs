@@ -34,6 +34,7 @@ async fn completed_with_video(app: &TestApp, bytes: &'static [u8]) -> (Uuid, Str
         StatusKind::Completed {
             video_key: video_key(id, 1),
             generation_duration_seconds: 1.0,
+            model: None,
         },
     )
     .await;
@@ -164,6 +165,7 @@ async fn without_a_configured_key_one_is_generated_and_kept() {
         StatusKind::Completed {
             video_key: video_key(id, 1),
             generation_duration_seconds: 1.0,
+            model: None,
         },
     )
     .await;

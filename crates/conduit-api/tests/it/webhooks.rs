@@ -25,6 +25,7 @@ async fn completed_task(app: &TestApp) -> (Uuid, Value) {
         StatusKind::Completed {
             video_key: video_key(id, 1),
             generation_duration_seconds: 3.0,
+            model: None,
         },
     )
     .await;

@@ -38,6 +38,17 @@ pub async fn settle_upstream_stops(within: Duration) {
     STOPS.reopen();
 }
 
+/// How a provider wants its credential.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Auth {
+    /// `Authorization: Bearer <key>` (MiniMax, OpenAI-compatible, Replicate).
+    Bearer,
+    /// `Authorization: Key <key>` (fal).
+    Key,
+    /// The key in a header of its own (`x-goog-api-key` for the Gemini API).
+    Header(&'static str),
+}
+
 /// One provider account: where it is, how to authenticate, how fast to poll.
 #[derive(Clone)]
 pub(crate) struct Upstream {
@@ -45,6 +56,7 @@ pub(crate) struct Upstream {
     pub name: &'static str,
     base: String,
     key: Secret,
+    auth: Auth,
     client: reqwest::Client,
     downloads: reqwest::Client,
     /// First interval between status polls, and the base of retry back-off.
@@ -136,6 +148,7 @@ impl Upstream {
             name,
             base: account.base_url.trim_end_matches('/').to_owned(),
             key,
+            auth: Auth::Bearer,
             client,
             downloads,
             poll,
@@ -147,11 +160,40 @@ impl Upstream {
         format!("{}{path}", self.base)
     }
 
-    /// A request to the provider's API with the bearer credential.
+    /// The same account with another way of presenting its credential.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    fn authorize(&self, request: RequestBuilder) -> RequestBuilder {
+        let key = self.key.expose();
+        match self.auth {
+            Auth::Bearer => request.bearer_auth(key),
+            Auth::Key => request.header(reqwest::header::AUTHORIZATION, format!("Key {key}")),
+            Auth::Header(name) => request.header(name, key),
+        }
+    }
+
+    /// A request to the provider's API with its credential.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.client
-            .request(method, self.url(path))
-            .bearer_auth(self.key.expose())
+        self.authorize(self.client.request(method, self.url(path)))
+    }
+
+    /// A request to an absolute URL the provider handed out (fal's `status_url`). The
+    /// credential goes along only to the provider's own API host.
+    pub fn request_url(&self, method: Method, url: &str) -> RequestBuilder {
+        let request = self.client.request(method, url);
+        if same_origin(url, &self.base) {
+            self.authorize(request)
+        } else {
+            request
+        }
+    }
+
+    /// True when `url` is on the provider's own API host.
+    pub fn is_own(&self, url: &str) -> bool {
+        same_origin(url, &self.base)
     }
 
     /// `text` with the credential blanked out.
@@ -222,10 +264,12 @@ impl Upstream {
                 Step::Retry { after, why } => {
                     let why = self.redact(&why);
                     if attempt >= MAX_ATTEMPTS {
-                        return Err(self.failed(format!(
+                        // Rate limits, server failures and unreachable servers: another
+                        // model (`fallback`) may still make the video.
+                        return Err(GenerationError::Unavailable(self.redact(&format!(
                             "Gave up trying to {what} at {} after {attempt} attempts: {why}",
                             self.name
-                        )));
+                        ))));
                     }
                     let pause = self.backoff(attempt - 1, after);
                     warn!(provider = self.name, attempt, reason = %why, pause_ms = pause.as_millis() as u64, "{what}: trying again");
@@ -292,7 +336,7 @@ impl Upstream {
     async fn download_once(&self, url: &str) -> Result<Bytes, String> {
         let mut request = self.downloads.get(url);
         if same_origin(url, &self.base) {
-            request = request.bearer_auth(self.key.expose());
+            request = self.authorize(request);
         }
         let response = request.send().await.map_err(|e| transport_error(&e))?;
         let status = response.status();
@@ -347,15 +391,25 @@ impl Upstream {
         method: Method,
         path: &str,
     ) -> impl Future<Output = Result<(), String>> + Send + 'static {
-        let request = self.request(method, path);
-        async move {
-            let response = request.send().await.map_err(|e| transport_error(&e))?;
-            let status = response.status();
-            if status.is_success() {
-                Ok(())
-            } else {
-                Err(format!("HTTP {}", status.as_u16()))
-            }
+        Self::stop_with(self.request(method, path))
+    }
+
+    /// A stop future of an absolute URL the provider handed out (fal's `cancel_url`).
+    pub fn stop_request_url(
+        &self,
+        method: Method,
+        url: &str,
+    ) -> impl Future<Output = Result<(), String>> + Send + 'static {
+        Self::stop_with(self.request_url(method, url))
+    }
+
+    async fn stop_with(request: RequestBuilder) -> Result<(), String> {
+        let response = request.send().await.map_err(|e| transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", status.as_u16()))
         }
     }
 }

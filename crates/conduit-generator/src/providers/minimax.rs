@@ -1,7 +1,7 @@
 //! `minimax`: MiniMax (Hailuo) video generation, as its API documents it.
 //!
 //! 1. `POST /v1/video_generation` with `model`, `prompt`, `duration` and `resolution`
-//!    answers a `task_id`;
+//!    (and `first_frame_image`, a URL or data URI, for image-to-video) answers a `task_id`;
 //! 2. `GET /v1/query/video_generation?task_id=` is polled while the task's `status` is
 //!    `Preparing`, `Queueing` or `Processing`, until `Success` (with a `file_id`) or `Fail`;
 //! 3. `GET /v1/files/retrieve?file_id=` gives `file.download_url`, which is downloaded.
@@ -115,11 +115,8 @@ impl MiniMaxProvider {
             .cloned();
         let settings = configured.unwrap_or_else(|| ModelSettings {
             provider: "minimax".into(),
-            upstream_model: None,
-            max_duration: None,
-            durations: None,
-            sizes: None,
             resolutions: Some(default_tiers()),
+            ..ModelSettings::default()
         });
         settings
             .resolution_for(w, h)
@@ -212,12 +209,16 @@ impl Provider for MiniMaxProvider {
         let up = &self.up;
         let cancel = &ctx.cancel;
         let resolution = self.resolution(job)?;
-        let body = json!({
+        let mut body = json!({
             "model": self.upstream_model(job),
             "prompt": job.prompt,
             "duration": job.spec.duration_seconds,
             "resolution": resolution,
         });
+        if let Some(image) = &job.image_url {
+            // MiniMax takes a public URL or a data URI as the first frame.
+            body["first_frame_image"] = json!(image);
+        }
         let task_id: String = up
             .call(
                 cancel,

@@ -1,28 +1,34 @@
 //! The providers that turn a job into a video. `local` is the built-in renderer; remote
-//! adapters (MiniMax, OpenAI-compatible, Replicate) implement the same trait: they
+//! adapters (MiniMax, OpenAI-compatible, Replicate, fal, Veo) implement the same trait: they
 //! submit, poll, report progress through the context and download the finished file.
 //! A model maps to its provider through `settings.models[model].provider`, resolved by
 //! the API at submit time and carried in the job. A remote provider is registered only
 //! once its credential is configured.
 
+mod fal;
 mod http;
+mod image;
 mod local;
 mod minimax;
 mod openai;
 mod replicate;
+mod veo;
 
 use std::{collections::HashMap, sync::Arc};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use conduit_core::{messages::JobMessage, Settings};
+use conduit_core::{config::ModelSettings, messages::JobMessage, Settings};
 use tokio_util::sync::CancellationToken;
 
+pub use fal::FalProvider;
 pub use http::settle_upstream_stops;
+pub use image::{ImageLoader, InputImage};
 pub use local::LocalProvider;
 pub use minimax::MiniMaxProvider;
 pub use openai::OpenAiProvider;
 pub use replicate::ReplicateProvider;
+pub use veo::VeoProvider;
 
 /// One progress report of a running generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +66,8 @@ pub struct GenerationContext {
     /// Fires when the task is cancelled, timed out or the process shuts down; the
     /// provider stops as soon as it can (the worker also stops waiting for it).
     pub cancel: CancellationToken,
+    /// Reads the job's `image_url` for providers that need the image's bytes.
+    pub images: ImageLoader,
 }
 
 /// A finished video, ready to be stored.
@@ -79,6 +87,10 @@ pub enum GenerationError {
     /// A clear, user-facing reason; it becomes the task's `error`.
     #[error("{0}")]
     Failed(String),
+    /// The provider kept rate-limiting or could not be reached after its retries; a
+    /// `fallback` model may still make the video. Otherwise like `Failed`.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 #[async_trait]
@@ -98,6 +110,8 @@ pub struct Providers {
     by_name: HashMap<String, Arc<dyn Provider>>,
     /// Model → provider name, for jobs that do not name their provider.
     models: HashMap<String, String>,
+    /// The configured models, for their fallbacks.
+    settings: HashMap<String, ModelSettings>,
 }
 
 impl Providers {
@@ -112,10 +126,15 @@ impl Providers {
         let mut providers = Self {
             by_name: HashMap::new(),
             models,
+            settings: settings
+                .models
+                .iter()
+                .map(|(id, m)| (id.clone(), m.clone()))
+                .collect(),
         }
         .with("local", Arc::new(LocalProvider));
         let p = &settings.providers;
-        let remote: [(&str, bool, RemoteBuilder); 3] = [
+        let remote: [(&str, bool, RemoteBuilder); 5] = [
             ("minimax", p.minimax.api_key.is_some(), |s| {
                 Ok(Arc::new(MiniMaxProvider::new(
                     &s.providers.minimax,
@@ -134,7 +153,22 @@ impl Providers {
                     &s.models,
                 )?))
             }),
+            ("fal", p.fal.api_key.is_some(), |s| {
+                Ok(Arc::new(FalProvider::new(&s.providers.fal, &s.models)?))
+            }),
+            ("veo", p.veo.api_key.is_some(), |s| {
+                Ok(Arc::new(VeoProvider::new(&s.providers.veo, &s.models)?))
+            }),
         ];
+        for (model, m) in &settings.models {
+            for fallback in m
+                .fallback
+                .iter()
+                .filter(|f| !settings.models.contains_key(*f))
+            {
+                tracing::warn!(%model, %fallback, "fallback names a model that is not configured; it is skipped");
+            }
+        }
         for (name, configured, build) in remote {
             if !configured {
                 continue;
@@ -173,6 +207,45 @@ impl Providers {
     }
 }
 
+impl Providers {
+    /// The jobs to try, in order, when `job`'s provider is unavailable: one per model of
+    /// its `fallback` list that this generator can run and that can make what the job
+    /// asks for (its duration and size, its image). Each names its own model, provider
+    /// and upstream model.
+    pub fn fallbacks(&self, job: &JobMessage) -> Vec<JobMessage> {
+        let Some(own) = self.settings.get(&job.model) else {
+            return Vec::new();
+        };
+        own.fallback
+            .iter()
+            .filter(|id| **id != job.model)
+            .filter_map(|id| {
+                let m = self.settings.get(id)?;
+                let fits = m
+                    .check_request(
+                        id,
+                        job.spec.duration_seconds,
+                        job.spec.width,
+                        job.spec.height,
+                    )
+                    .is_ok()
+                    && (job.image_url.is_none() || m.image_input)
+                    && self.by_name.contains_key(&m.provider);
+                if !fits {
+                    tracing::info!(fallback = %id, "fallback model cannot take this job; skipping it");
+                    return None;
+                }
+                Some(JobMessage {
+                    model: id.clone(),
+                    provider: m.provider.clone(),
+                    upstream_model: m.upstream_model.clone(),
+                    ..job.clone()
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +267,7 @@ mod tests {
                 seed: None,
             },
             submitted_at: chrono::Utc::now(),
+            image_url: None,
         }
     }
 
@@ -227,5 +301,41 @@ mod tests {
         assert!(providers.resolve(&job("minimax-video", "minimax")).is_ok());
         assert!(providers.resolve(&job("replicate-video", "")).is_ok());
         assert!(providers.resolve(&job("openai-video", "openai")).is_err());
+    }
+
+    #[test]
+    fn fallbacks_follow_the_list_and_skip_models_that_cannot_run() {
+        let mut settings =
+            Settings::load(conduit_core::Service::Generator, None).expect("default settings");
+        settings.providers.replicate.api_key = Some(conduit_core::Secret::new("r8"));
+        if let Some(m) = settings.models.get_mut("minimax-video") {
+            m.fallback = vec![
+                "veo-video".into(),
+                "replicate-video".into(),
+                "local-video".into(),
+            ];
+        }
+        let providers = Providers::from_settings(&settings);
+        let mut j = job("minimax-video", "minimax");
+        j.spec.duration_seconds = 6;
+        j.spec.width = 1280;
+        j.spec.height = 720;
+        // veo is not configured here; replicate and local are.
+        let names: Vec<String> = providers
+            .fallbacks(&j)
+            .into_iter()
+            .map(|f| format!("{}/{}", f.model, f.provider))
+            .collect();
+        assert_eq!(names, ["replicate-video/replicate", "local-video/local"]);
+        // A size replicate-video cannot make leaves only local-video.
+        j.spec.width = 640;
+        j.spec.height = 360;
+        let names: Vec<String> = providers
+            .fallbacks(&j)
+            .into_iter()
+            .map(|f| f.model)
+            .collect();
+        assert_eq!(names, ["local-video"]);
+        assert!(providers.fallbacks(&job("local-video", "local")).is_empty());
     }
 }

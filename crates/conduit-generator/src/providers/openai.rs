@@ -1,8 +1,11 @@
-//! `openai`: any server that speaks OpenAI's Videos API (OpenAI itself, or a proxy such
-//! as LiteLLM), as OpenAI documents it.
+//! `openai`: any server that speaks the `/v1/videos` protocol OpenAI defined for its
+//! Videos API. OpenAI shut that API down on 2026-09-24; servers that copied the protocol
+//! (LiteLLM's proxy in front of other video models, several hosted gateways) still speak
+//! it, so the adapter has no default server or model: both are configured.
 //!
-//! 1. `POST /v1/videos` (`multipart/form-data`: `model`, `prompt`, `seconds`, `size`)
-//!    answers a video job with its `id` and `status`;
+//! 1. `POST /v1/videos` (`multipart/form-data`: `model`, `prompt`, `seconds`, `size`, and
+//!    for image-to-video the image file as `input_reference`) answers a video job with its
+//!    `id` and `status`;
 //! 2. `GET /v1/videos/{id}` is polled while `status` is `queued` or `in_progress` (with a
 //!    numeric `progress`), until `completed` or `failed` (with `error.code` and
 //!    `error.message`);
@@ -18,7 +21,10 @@ use conduit_core::{
     config::{ModelSettings, ProviderAccount},
     messages::JobMessage,
 };
-use reqwest::{multipart::Form, Method};
+use reqwest::{
+    multipart::{Form, Part},
+    Method,
+};
 use serde::Deserialize;
 use tracing::info;
 
@@ -26,9 +32,6 @@ use super::{
     http::{Poller, Reply, Step, Upstream},
     GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate, Provider,
 };
-
-/// The upstream model when neither the job nor the model entry names one.
-pub const DEFAULT_MODEL: &str = "sora-2";
 
 const NAME: &str = "The OpenAI-compatible server";
 
@@ -86,11 +89,17 @@ impl OpenAiProvider {
         })
     }
 
-    fn upstream_model(&self, job: &JobMessage) -> String {
+    fn upstream_model(&self, job: &JobMessage) -> Result<String, GenerationError> {
         job.upstream_model
             .clone()
             .or_else(|| self.models.get(&job.model)?.upstream_model.clone())
-            .unwrap_or_else(|| DEFAULT_MODEL.to_owned())
+            .filter(|m| !m.trim().is_empty())
+            .ok_or_else(|| {
+                self.up.failed(format!(
+                    "Model '{}' names no model of the /v1/videos server; set its upstream_model",
+                    job.model
+                ))
+            })
     }
 }
 
@@ -151,19 +160,30 @@ impl Provider for OpenAiProvider {
     ) -> Result<GeneratedVideo, GenerationError> {
         let up = &self.up;
         let cancel = &ctx.cancel;
-        let model = self.upstream_model(job);
+        let model = self.upstream_model(job)?;
         let seconds = job.spec.duration_seconds.to_string();
         let size = format!("{}x{}", job.spec.width, job.spec.height);
+        let image = match &job.image_url {
+            Some(url) => Some(ctx.images.load(url, cancel).await?),
+            None => None,
+        };
         let created = up
             .call(
                 cancel,
                 "create the video",
                 || {
-                    let form = Form::new()
+                    let mut form = Form::new()
                         .text("model", model.clone())
                         .text("prompt", job.prompt.clone())
                         .text("seconds", seconds.clone())
                         .text("size", size.clone());
+                    if let Some(image) = &image {
+                        let part = Part::stream(image.bytes.clone())
+                            .file_name(image.file_name())
+                            .mime_str(image.mime)
+                            .unwrap_or_else(|_| Part::stream(image.bytes.clone()));
+                        form = form.part("input_reference", part);
+                    }
                     up.request(Method::POST, "/v1/videos").multipart(form)
                 },
                 |reply| video_step(reply, "create request"),

@@ -1,6 +1,8 @@
 //! `replicate`: Replicate predictions, as Replicate's HTTP API documents them.
 //!
-//! 1. `POST /v1/models/{owner}/{name}/predictions` with `{"input": {"prompt": ...}}`
+//! 1. `POST /v1/models/{owner}/{name}/predictions` with `{"input": {"prompt": ...}}` (an
+//!    image-to-video request adds the image, URL or data URI, under the model entry's
+//!    `image_field`, `image` by default: `first_frame_image` for `minimax/video-01`)
 //!    (for an upstream model written `owner/name:version`, `POST /v1/predictions` with
 //!    that `version`) answers a prediction with its `id` and `status`;
 //! 2. `GET /v1/predictions/{id}` is polled while `status` is `starting` or `processing`,
@@ -93,7 +95,16 @@ impl ReplicateProvider {
                     job.model, job.model
                 ))
             })?;
-        let input = json!({ "prompt": job.prompt });
+        let mut input = json!({ "prompt": job.prompt });
+        if let Some(image) = &job.image_url {
+            // Replicate file inputs take a URL or a data URI; the field is the model's own.
+            let field = self
+                .models
+                .get(&job.model)
+                .and_then(|m| m.image_field.clone())
+                .unwrap_or_else(|| "image".to_owned());
+            input[field] = json!(image);
+        }
         if let Some((_, version)) = model.split_once(':') {
             return Ok((
                 "/v1/predictions".into(),

@@ -61,10 +61,33 @@ pub fn render(
     progress: &mut dyn FnMut(u32, u32),
     cancel: &AtomicBool,
 ) -> Result<Vec<u8>, RenderError> {
+    render_over(request, None, progress, cancel)
+}
+
+/// Like [`render`], over `background` (RGB, 3 bytes a pixel, the request's size) when
+/// given: the first frame is that image, the rest draw the scene over it.
+pub fn render_over(
+    request: &RenderRequest,
+    background: Option<&[u8]>,
+    progress: &mut dyn FnMut(u32, u32),
+    cancel: &AtomicBool,
+) -> Result<Vec<u8>, RenderError> {
     validate(request)?;
     let (width, height) = (request.width as usize, request.height as usize);
+    if background.is_some_and(|rgb| rgb.len() != width * height * 3) {
+        return Err(RenderError::Invalid(
+            "the background image does not match the video's size".into(),
+        ));
+    }
     let total = request.total_frames();
-    let scene = Scene::new(&request.prompt, request.seed, width, height, request.fps);
+    let scene = Scene::with_background(
+        &request.prompt,
+        request.seed,
+        width,
+        height,
+        request.fps,
+        background,
+    );
     let mut frame = scene.blank_frame();
     let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), encoder_config(request))
         .map_err(|e| RenderError::Encoder(e.to_string()))?;

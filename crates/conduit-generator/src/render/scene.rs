@@ -154,6 +154,8 @@ struct Shape {
 
 /// Everything needed to draw any frame of one video.
 pub struct Scene {
+    /// The first frame when it is the user's image, untouched by caption and shapes.
+    first: Option<Frame>,
     base: Frame,
     shapes: Vec<Shape>,
     fps: f32,
@@ -163,6 +165,19 @@ pub struct Scene {
 
 impl Scene {
     pub fn new(prompt: &str, seed: Option<i64>, width: usize, height: usize, fps: u32) -> Self {
+        Self::with_background(prompt, seed, width, height, fps, None)
+    }
+
+    /// A scene over `background` (RGB, 3 bytes a pixel, already `width`x`height`) instead
+    /// of the gradient: frame 0 is the image itself, the others add caption and shapes.
+    pub fn with_background(
+        prompt: &str,
+        seed: Option<i64>,
+        width: usize,
+        height: usize,
+        fps: u32,
+        background: Option<&[u8]>,
+    ) -> Self {
         let mut rng = SplitMix64(scene_seed(prompt, seed));
         let hue = rng.range(0.0, 360.0);
         // Analogous or complementary schemes, chosen by the prompt too.
@@ -180,7 +195,16 @@ impl Scene {
             .collect();
 
         let mut base = Frame::new(width, height);
-        fill_gradient(&mut base, top, bottom);
+        let first = match background.filter(|rgb| rgb.len() == width * height * 3) {
+            Some(rgb) => {
+                fill_rgb(&mut base, rgb);
+                Some(base.clone())
+            }
+            None => {
+                fill_gradient(&mut base, top, bottom);
+                None
+            }
+        };
         let caption_top = draw_caption(&mut base, prompt);
 
         let side = width.min(height) as f32;
@@ -213,6 +237,7 @@ impl Scene {
             })
             .collect();
         Self {
+            first,
             base,
             shapes,
             fps: fps.max(1) as f32,
@@ -227,6 +252,10 @@ impl Scene {
 
     /// Draws frame number `index` into `frame`.
     pub fn draw(&self, index: u32, frame: &mut Frame) {
+        if let (0, Some(first)) = (index, &self.first) {
+            frame.copy_from(first);
+            return;
+        }
         frame.copy_from(&self.base);
         let t = index as f32 / self.fps;
         for s in &self.shapes {
@@ -258,6 +287,41 @@ fn scene_seed(prompt: &str, seed: Option<i64>) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     u64::from_be_bytes(first)
+}
+
+/// Converts an RGB picture of the frame's size into the frame's planes (BT.601, limited
+/// range, as the rest of the scene); each chroma sample averages its 2x2 block.
+fn fill_rgb(frame: &mut Frame, rgb: &[u8]) {
+    let (w, h) = (frame.width, frame.height);
+    let px = |x: usize, y: usize| {
+        let i = (y * w + x) * 3;
+        (
+            f32::from(rgb[i]) / 255.0,
+            f32::from(rgb[i + 1]) / 255.0,
+            f32::from(rgb[i + 2]) / 255.0,
+        )
+    };
+    for y in 0..h {
+        for x in 0..w {
+            let (r, g, b) = px(x, y);
+            frame.y[y * w + x] = Yuv::from_rgb(r, g, b).y;
+        }
+    }
+    let cw = w / 2;
+    for cy in 0..h / 2 {
+        for cx in 0..cw {
+            let (mut r, mut g, mut b) = (0.0, 0.0, 0.0);
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
+                let (pr, pg, pb) = px(cx * 2 + dx, cy * 2 + dy);
+                r += pr / 4.0;
+                g += pg / 4.0;
+                b += pb / 4.0;
+            }
+            let c = Yuv::from_rgb(r, g, b);
+            frame.u[cy * cw + cx] = c.u;
+            frame.v[cy * cw + cx] = c.v;
+        }
+    }
 }
 
 fn fill_gradient(frame: &mut Frame, top: Yuv, bottom: Yuv) {

@@ -23,6 +23,7 @@ async fn a_job_completes_with_processing_progress_and_a_stored_video() {
     let StatusKind::Completed {
         video_key: key,
         generation_duration_seconds,
+        ..
     } = kinds[kinds.len() - 1]
     else {
         panic!("last event is not completed: {kinds:#?}");

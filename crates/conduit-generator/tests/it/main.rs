@@ -135,6 +135,7 @@ impl Harness {
                 seed: Some(7),
             },
             submitted_at: conduit_core::time::now_millis(),
+            image_url: None,
         }
     }
 

@@ -4,9 +4,12 @@
 //! how a stopped task reaches the provider. No broker here: the adapters are called
 //! directly, as the worker calls them.
 
+mod fal;
+mod images;
 mod minimax;
 mod openai;
 mod replicate;
+mod veo;
 
 use std::{
     sync::{Arc, Mutex},
@@ -19,18 +22,27 @@ use conduit_core::{
     Secret, Service,
 };
 use conduit_generator::providers::{
-    GeneratedVideo, GenerationContext, GenerationError, ProgressReporter, ProgressUpdate, Provider,
+    GeneratedVideo, GenerationContext, GenerationError, ImageLoader, ProgressReporter,
+    ProgressUpdate, Provider,
 };
 use conduit_system_tests::fakes::FakeProvider;
 use tokio_util::sync::CancellationToken;
 
 pub const KEY: &str = "sk-test-9f8e7d6c5b4a39281706";
 
-/// The settings' models (their limits, upstream names), as the generator loads them.
+/// The upstream model the `/v1/videos` fake is configured with (there is no default).
+pub const VIDEOS_MODEL: &str = "wan-2.5-t2v";
+
+/// The settings' models (their limits, upstream names), as the generator loads them,
+/// with `openai-video` configured as an operator would for a `/v1/videos` server.
 pub fn models() -> std::collections::BTreeMap<String, conduit_core::config::ModelSettings> {
-    Settings::load(Service::Generator, None)
+    let mut models = Settings::load(Service::Generator, None)
         .expect("default settings")
-        .models
+        .models;
+    if let Some(m) = models.get_mut("openai-video") {
+        m.upstream_model = Some(VIDEOS_MODEL.into());
+    }
+    models
 }
 
 /// An account pointing at `fake`, polling every 20 ms.
@@ -65,6 +77,7 @@ pub fn job(
             seed: None,
         },
         submitted_at: conduit_core::time::now_millis(),
+        image_url: None,
     }
 }
 
@@ -85,7 +98,9 @@ impl Run {
     pub fn error(&self) -> String {
         match &self.result {
             Ok(_) => panic!("expected an error, got a video"),
-            Err(GenerationError::Failed(message)) => message.clone(),
+            Err(GenerationError::Failed(message) | GenerationError::Unavailable(message)) => {
+                message.clone()
+            }
             Err(GenerationError::Cancelled) => panic!("expected a failure, got a cancel"),
         }
     }
@@ -105,7 +120,7 @@ impl Run {
     }
 }
 
-fn context(cancel: CancellationToken) -> (GenerationContext, Arc<Mutex<Vec<ProgressUpdate>>>) {
+pub fn context(cancel: CancellationToken) -> (GenerationContext, Arc<Mutex<Vec<ProgressUpdate>>>) {
     let progress = Arc::new(Mutex::new(Vec::new()));
     let sink = progress.clone();
     let ctx = GenerationContext {
@@ -113,6 +128,7 @@ fn context(cancel: CancellationToken) -> (GenerationContext, Arc<Mutex<Vec<Progr
             sink.lock().expect("progress").push(update);
         }),
         cancel,
+        images: ImageLoader::new(true),
     };
     (ctx, progress)
 }

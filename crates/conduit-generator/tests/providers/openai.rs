@@ -2,7 +2,10 @@ use conduit_generator::providers::{GenerationError, OpenAiProvider};
 use conduit_system_tests::fakes::{fake_video, FakeProvider, Protocol, Scenario};
 use serde_json::json;
 
-use crate::{account, assert_no_key, job, models, run, run_and_cancel, run_and_drop, settle, KEY};
+use crate::{
+    account, assert_no_key, job, models, run, run_and_cancel, run_and_drop, settle, KEY,
+    VIDEOS_MODEL,
+};
 
 fn start() -> (FakeProvider, OpenAiProvider) {
     let fake = FakeProvider::start(Protocol::OpenAi, KEY);
@@ -34,7 +37,7 @@ async fn a_video_is_made_with_a_multipart_create_numeric_progress_and_the_conten
     );
     assert_eq!(
         fake_job.params,
-        json!({"model": "sora-2", "prompt": "a lighthouse at dusk", "seconds": "8", "size": "1280x720"})
+        json!({"model": VIDEOS_MODEL, "prompt": "a lighthouse at dusk", "seconds": "8", "size": "1280x720"})
     );
     let requests = fake.requests();
     let create = requests
