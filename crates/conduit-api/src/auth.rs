@@ -12,7 +12,6 @@ use crate::{error::ApiError, state::AppState};
 #[derive(Debug, Clone)]
 pub(crate) struct Caller {
     pub(crate) key_id: Uuid,
-    pub(crate) webhook_secret: String,
 }
 
 /// The key the request presents, if any.
@@ -49,10 +48,7 @@ impl FromRequest for Caller {
                 .resolve(&state.pool, &key)
                 .await?
                 .ok_or(ApiError::Unauthorized)?;
-            Ok(Caller {
-                key_id: active.id,
-                webhook_secret: active.webhook_secret,
-            })
+            Ok(Caller { key_id: active.id })
         })
     }
 }

@@ -27,6 +27,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "image_url",
         include_str!("../migrations/0003_image_url.sql"),
     ),
+    (
+        5,
+        "webhook retry, batch and secret rotation",
+        include_str!("../migrations/0005_webhook_retry_batch_rotation.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

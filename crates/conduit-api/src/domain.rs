@@ -18,9 +18,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use url::{Host, Url};
 
+use conduit_core::{config::RetrySchedule, messages::BatchSettings};
+
 use crate::{
     error::FieldError,
     ledger::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents},
+    webhook_options::{parse_webhook_batch, parse_webhook_retry},
 };
 
 pub(crate) const MAX_PROMPT_CHARS: usize = 4000;
@@ -43,7 +46,7 @@ const FORBIDDEN_HEADERS: [&str; 6] = [
 pub const MAX_IMAGE_BYTES: usize = 10 << 20;
 /// Longest `data:` `image_url`: the prefix and 10 MiB as base64.
 pub const MAX_IMAGE_DATA_URI_CHARS: usize = 64 + MAX_IMAGE_BYTES.div_ceil(3) * 4;
-const FIELDS: [&str; 10] = [
+const FIELDS: [&str; 12] = [
     "model",
     "prompt",
     "duration",
@@ -54,6 +57,8 @@ const FIELDS: [&str; 10] = [
     "webhook_headers",
     "webhook_events",
     "image_url",
+    "webhook_retry",
+    "webhook_batch",
 ];
 
 /// One configured model and whether its provider can be used.
@@ -436,6 +441,8 @@ pub(crate) struct GenerationRequest {
     pub(crate) webhook_headers: WebhookHeaders,
     pub(crate) webhook_events: WebhookEvents,
     pub(crate) image_url: Option<ImageUrl>,
+    pub(crate) webhook_retry: Option<RetrySchedule>,
+    pub(crate) webhook_batch: Option<BatchSettings>,
 }
 
 fn present<'a>(obj: &'a Map<String, Value>, field: &str) -> Option<&'a Value> {
@@ -556,6 +563,12 @@ impl GenerationRequest {
                 Some(image)
             }
         };
+        let webhook_retry = present(obj, "webhook_retry")
+            .map(parse_webhook_retry)
+            .transpose()?;
+        let webhook_batch = present(obj, "webhook_batch")
+            .map(parse_webhook_batch)
+            .transpose()?;
         Ok(Self {
             model: model.clone(),
             prompt,
@@ -567,6 +580,8 @@ impl GenerationRequest {
             webhook_headers,
             webhook_events,
             image_url,
+            webhook_retry,
+            webhook_batch,
         })
     }
 
@@ -583,6 +598,8 @@ impl GenerationRequest {
             "webhook_url": self.webhook_url.as_ref().map(WebhookUrl::as_str),
             "webhook_headers": self.webhook_headers.as_map(),
             "webhook_events": self.webhook_events.names(),
+            "webhook_retry": self.webhook_retry.as_ref().map(ToString::to_string),
+            "webhook_batch": self.webhook_batch,
         });
         let mut canonical = canonical;
         // Only when present, so the digests of requests without one stay what they were.
@@ -622,6 +639,8 @@ impl GenerationRequest {
             webhook_url: self.webhook_url.as_ref().map(|u| u.as_str().to_owned()),
             webhook_headers: self.webhook_headers.as_map().clone(),
             webhook_events: self.webhook_events.clone(),
+            webhook_retry: self.webhook_retry.clone(),
+            webhook_batch: self.webhook_batch,
             video_key: None,
             generation_duration_seconds: None,
             error: None,
@@ -946,6 +965,22 @@ mod tests {
         let c = GenerationRequest::parse(&with("duration", json!(7)), &catalog()).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
+        let retry = |s: Value| {
+            GenerationRequest::parse(&with("webhook_retry", json!({ "schedule": s })), &catalog())
+                .unwrap()
+                .fingerprint()
+        };
+        assert_eq!(retry(json!(["60s"])), retry(json!(["1m"])));
+        assert_ne!(retry(json!(["1m"])), retry(json!(["2m"])));
+        assert_ne!(retry(json!(["0s"])), a.fingerprint());
+        let batch = |b: Value| {
+            GenerationRequest::parse(&with("webhook_batch", b), &catalog())
+                .unwrap()
+                .fingerprint()
+        };
+        assert_eq!(batch(json!({})), batch(json!({"max_events": 100})));
+        assert_ne!(batch(json!({})), batch(json!({"max_events": 10})));
+        assert_ne!(batch(json!({})), a.fingerprint());
     }
 
     const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";

@@ -27,11 +27,11 @@ pub(crate) const CACHE_TTL: Duration = Duration::from_secs(5);
 /// Bound on remembered keys, so random garbage cannot grow the cache without limit.
 const CACHE_CAPACITY: usize = 10_000;
 
-/// An active key, as a request's caller.
+/// An active key, as a request's caller. Its webhook secret is not cached: a rotation
+/// must show at once, so the secret is read from the database where it is used.
 #[derive(Debug, Clone)]
 pub(crate) struct ActiveKey {
     pub(crate) id: Uuid,
-    pub(crate) webhook_secret: String,
 }
 
 /// Resolved keys by hash, each trusted for [`CACHE_TTL`]: the database stays out of the
@@ -77,9 +77,7 @@ impl KeyCache {
         }
         let client = pool.get().await.context("taking a database connection")?;
         let stmt = client
-            .prepare_cached(
-                "SELECT id, webhook_secret FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
-            )
+            .prepare_cached("SELECT id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL")
             .await
             .context("preparing key look-up")?;
         let Some(row) = client
@@ -89,10 +87,7 @@ impl KeyCache {
         else {
             return Ok(None);
         };
-        let found = ActiveKey {
-            id: row.get(0),
-            webhook_secret: row.get(1),
-        };
+        let found = ActiveKey { id: row.get(0) };
         self.put(hash, found.clone());
         Ok(Some(found))
     }

@@ -24,5 +24,6 @@ mod routes;
 mod startup;
 mod state;
 mod videos;
+mod webhook_options;
 
 pub use startup::App;

@@ -19,7 +19,7 @@ use crate::{
     auth::Caller,
     domain::{guard_image_target, guard_webhook_target, GenerationRequest},
     error::{ApiError, ErrorBody, FieldError},
-    ledger::{DeliveryRecord, Submitted, TaskPage, TaskRow, TaskStatus},
+    ledger::{DeliveryRecord, KeySecrets, Submitted, TaskPage, TaskRow, TaskStatus},
     state::AppState,
 };
 
@@ -63,6 +63,36 @@ pub(crate) struct GenerationBody {
     /// Only for models whose `image_input` is true (`GET /v1/models`); with a data URI the
     /// body may exceed 64 KiB by the URI's length.
     image_url: Option<String>,
+    /// This task's own retry schedule for terminal webhooks, instead of the operator's.
+    webhook_retry: Option<WebhookRetryBody>,
+    /// Deliver this task's webhooks in batches (see the webhook documentation).
+    webhook_batch: Option<WebhookBatchBody>,
+}
+
+/// `webhook_retry`: the delay before each attempt of a terminal webhook.
+#[allow(dead_code)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"schedule": ["0s", "30s", "5m"]}))]
+pub(crate) struct WebhookRetryBody {
+    /// 1 to 20 delays such as `250ms`, `30s`, `5m`, `2h`; each at most 24 h, together
+    /// at most 72 h.
+    #[schema(min_items = 1, max_items = 20)]
+    schedule: Vec<String>,
+}
+
+/// `webhook_batch`: tasks of one key with the same `webhook_url`, `webhook_headers` and
+/// `webhook_batch` share batches.
+#[allow(dead_code)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WebhookBatchBody {
+    /// Most events in one POST.
+    #[schema(minimum = 1, maximum = 1000, default = 100)]
+    max_events: Option<u32>,
+    /// Longest wait after a batch's first event before it is sent.
+    #[schema(minimum = 0, maximum = 60000, default = 1000)]
+    max_wait_ms: Option<u32>,
 }
 
 /// Answer to a submit or a retry.
@@ -117,7 +147,45 @@ pub(crate) struct TaskList {
 pub(crate) struct SecretView {
     /// `whsec_` + base64: the key that signs this API key's webhooks.
     pub(crate) secret: String,
+    /// The secret before the latest rotation, while webhooks still carry a signature
+    /// made with it too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) previous: Option<PreviousSecretView>,
 }
+
+/// A secret replaced by a rotation, still signed with until `expires_at`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PreviousSecretView {
+    pub(crate) secret: String,
+    /// RFC 3339, UTC, milliseconds: when webhooks stop carrying its signature.
+    pub(crate) expires_at: String,
+}
+
+impl From<KeySecrets> for SecretView {
+    fn from(s: KeySecrets) -> Self {
+        Self {
+            secret: s.current,
+            previous: s.previous.map(|p| PreviousSecretView {
+                secret: p.secret,
+                expires_at: fmt(&p.expires_at),
+            }),
+        }
+    }
+}
+
+/// The optional body of a secret rotation, for the OpenAPI description.
+#[allow(dead_code)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotateBody {
+    /// Seconds during which webhooks carry a signature made with the old secret too.
+    #[schema(minimum = 0, maximum = 604800, default = 86400)]
+    overlap_seconds: Option<u32>,
+}
+
+/// Longest overlap of a rotation: a week.
+const MAX_OVERLAP_SECONDS: u64 = 604_800;
+const DEFAULT_OVERLAP_SECONDS: u32 = 86_400;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct ModelView {
@@ -606,7 +674,8 @@ pub(crate) async fn redeliver(
     }))
 }
 
-/// The calling key's webhook signing secret.
+/// The calling key's webhook signing secret, and the previous one while a rotation
+/// overlaps.
 #[utoipa::path(
     get,
     path = "/v1/webhooks/secret",
@@ -614,10 +683,70 @@ pub(crate) async fn redeliver(
     responses((status = 200, body = SecretView), (status = 401, body = ErrorBody)),
     security(("bearer" = []), ("api_key" = []))
 )]
-pub(crate) async fn webhook_secret(caller: Caller) -> HttpResponse {
-    HttpResponse::Ok().json(SecretView {
-        secret: caller.webhook_secret,
-    })
+pub(crate) async fn webhook_secret(
+    caller: Caller,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let secrets = state.ledger.webhook_secrets(caller.key_id).await?;
+    Ok(HttpResponse::Ok().json(SecretView::from(secrets)))
+}
+
+/// Make a new webhook signing secret for the calling key. Until the overlap ends, every
+/// webhook carries two signatures (new first, then old).
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/secret/rotate",
+    tag = "webhooks",
+    request_body(content = Option<RotateBody>, description = "Optional; `{}` or no body means the default overlap of 86400 s"),
+    responses(
+        (status = 200, body = SecretView),
+        (status = 400, description = "A bad body (`invalid_value`, `param` `overlap_seconds`)", body = ErrorBody),
+        (status = 401, body = ErrorBody),
+    ),
+    security(("bearer" = []), ("api_key" = []))
+)]
+#[tracing::instrument(name = "rotate_webhook_secret", skip_all, fields(key_id = %caller.key_id))]
+pub(crate) async fn rotate_webhook_secret(
+    caller: Caller,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    let overlap = overlap_seconds(&body)?;
+    let secrets = state
+        .ledger
+        .rotate_webhook_secret(caller.key_id, overlap)
+        .await?;
+    Ok(HttpResponse::Ok().json(SecretView::from(secrets)))
+}
+
+/// The rotation body's overlap: none or `{}` is the default; anything but an object with
+/// at most an integer `overlap_seconds` in range is refused.
+fn overlap_seconds(body: &[u8]) -> Result<u32, ApiError> {
+    let bad = |why: &str| {
+        ApiError::Field(FieldError::invalid(
+            "overlap_seconds",
+            format!("{why}; send {{\"overlap_seconds\": N}} with N from 0 to {MAX_OVERLAP_SECONDS}, or no body"),
+        ))
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DEFAULT_OVERLAP_SECONDS);
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| bad("The body is not JSON"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("The body must be a JSON object"))?;
+    if obj.keys().any(|k| k != "overlap_seconds") {
+        return Err(bad("The body may hold only overlap_seconds"));
+    }
+    match obj.get("overlap_seconds").filter(|v| !v.is_null()) {
+        None => Ok(DEFAULT_OVERLAP_SECONDS),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n <= MAX_OVERLAP_SECONDS)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad("overlap_seconds must be an integer from 0 to 604800")),
+    }
 }
 
 /// The configured video models.

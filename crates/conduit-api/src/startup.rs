@@ -319,6 +319,10 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                     .route(web::delete().to(routes::cancel)),
             )
             .service(resource("/v1/webhooks/secret").route(web::get().to(routes::webhook_secret)))
+            .service(
+                resource("/v1/webhooks/secret/rotate")
+                    .route(web::post().to(routes::rotate_webhook_secret)),
+            )
             .service(resource("/v1/models").route(web::get().to(routes::models)))
             .service(
                 resource("/v1/videos/files/{task_id}")

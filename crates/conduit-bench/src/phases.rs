@@ -659,6 +659,9 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
         occurred_at: now_millis(),
         attempts_made: 0,
         not_before: None,
+        retry: None,
+        batch: None,
+        previous_secret: None,
     };
     let out = Outgoing::json(route::WEBHOOKS, &d)
         .map(|o| o.for_task(task_id).with_message_id(webhook_id.clone()))

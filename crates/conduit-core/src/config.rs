@@ -357,12 +357,24 @@ impl RetrySchedule {
     pub fn delay_before(&self, attempt: usize) -> Option<Duration> {
         attempt.checked_sub(1).and_then(|i| self.0.get(i)).copied()
     }
+
+    /// All delays together: how long the schedule can keep an event pending.
+    pub fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
 }
 
 impl fmt::Display for RetrySchedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let parts: Vec<String> = self.0.iter().copied().map(format_duration).collect();
         f.write_str(&parts.join(","))
+    }
+}
+
+/// Written as its `0s,5s,5m` form, so it travels in messages as it is configured.
+impl serde::Serialize for RetrySchedule {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::config::RetrySchedule;
 use crate::payload::WebhookEvent;
 use crate::time::{rfc3339_millis, rfc3339_millis_opt};
 
@@ -140,6 +141,86 @@ pub struct WebhookDelivery {
         skip_serializing_if = "Option::is_none"
     )]
     pub not_before: Option<DateTime<Utc>>,
+    /// The task's own retry schedule (`webhook_retry`), used instead of the operator's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySchedule>,
+    /// The task's batch settings (`webhook_batch`): delivered in batches when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchSettings>,
+    /// The key's secret before its latest rotation, while the overlap lasts: attempts
+    /// made before `expires_at` carry a second signature made with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<PreviousSecret>,
+}
+
+/// A task's `webhook_batch`: at most `max_events` events per POST, sent at most
+/// `max_wait_ms` after the first one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BatchSettings {
+    pub max_events: u32,
+    pub max_wait_ms: u64,
+}
+
+/// A key's signing secret before its latest rotation, and when it stops being used.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PreviousSecret {
+    pub secret: String,
+    #[serde(with = "rfc3339_millis")]
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One event inside a [`WebhookBatch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchedEvent {
+    pub webhook_id: String,
+    pub task_id: Uuid,
+    pub event: WebhookEvent,
+    /// The exact JSON the event has as a single webhook.
+    pub body: String,
+    #[serde(with = "rfc3339_millis")]
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// Webhook sender → itself: a batch of events formed by a sender that waits for its
+/// next attempt. Travels through the delay queues back to the `webhooks` queue, like a
+/// [`WebhookDelivery`] does.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookBatch {
+    pub v: u16,
+    /// The batch's own `webhook-id`, the same on every attempt of the batch.
+    pub batch_id: String,
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret: Option<PreviousSecret>,
+    /// The longest schedule (largest total delay) among the batch's tasks.
+    pub retry: RetrySchedule,
+    /// When the batch was formed: its body's `timestamp`.
+    #[serde(with = "rfc3339_millis")]
+    pub formed_at: DateTime<Utc>,
+    pub events: Vec<BatchedEvent>,
+    #[serde(default)]
+    pub attempts_made: u32,
+    #[serde(
+        default,
+        with = "rfc3339_millis_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub not_before: Option<DateTime<Utc>>,
+}
+
+impl fmt::Debug for WebhookBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookBatch")
+            .field("batch_id", &self.batch_id)
+            .field("url", &self.url)
+            .field("events", &self.events.len())
+            .field("attempts_made", &self.attempts_made)
+            .field("not_before", &self.not_before)
+            .finish_non_exhaustive()
+    }
 }
 
 impl fmt::Debug for WebhookDelivery {
@@ -251,6 +332,12 @@ mod tests {
             occurred_at: crate::time::now_millis(),
             attempts_made: 0,
             not_before: None,
+            retry: None,
+            batch: None,
+            previous_secret: Some(PreviousSecret {
+                secret: "whsec_b2xk".into(),
+                expires_at: crate::time::now_millis(),
+            }),
         };
         let printed = format!("{d:?}");
         assert!(!printed.contains("whsec_"));

@@ -23,14 +23,18 @@
 //! concurrency scales to thousands of deliveries in flight).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::Mutex,
     time::{Duration, Instant, SystemTime},
 };
 
 use chrono::{DateTime, Utc};
 use conduit_core::{
-    messages::{AttemptOutcome, DeliveryState, WebhookDelivery, SCHEMA_VERSION},
+    config::RetrySchedule,
+    messages::{
+        AttemptOutcome, DeliveryState, PreviousSecret, WebhookBatch, WebhookDelivery,
+        SCHEMA_VERSION,
+    },
     payload::WebhookEvent,
     time::now_millis,
     topology::{route, wait_bucket_for, Topology, WAIT_BUCKETS},
@@ -47,8 +51,11 @@ use crate::{
     limits::{Busy, KeyedLimiter},
     metrics::{outcome, Metrics},
     retry::{honours_retry_after, parse_retry_after, random_fraction, NextAttempt, RetryLadder},
-    signing::SigningKey,
+    signing::{signature_header, SigningKey},
 };
+
+#[path = "batch.rs"]
+mod batch;
 
 /// Largest body sent; a larger one fails without a request.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -82,7 +89,9 @@ pub struct Deliverer {
     broker: Broker,
     http: reqwest::Client,
     guard: TargetGuard,
+    /// The operator's schedule, for events whose task brought none of its own.
     ladder: RetryLadder,
+    batches: batch::Batcher,
     hosts: KeyedLimiter<String>,
     tasks: KeyedLimiter<Uuid>,
     finished: FinishedTasks,
@@ -133,6 +142,7 @@ impl Deliverer {
             http,
             guard,
             ladder: RetryLadder::new(settings.webhooks.retry_schedule.clone()),
+            batches: batch::Batcher::default(),
             hosts: KeyedLimiter::new(settings.webhooks.per_host_concurrency),
             tasks: KeyedLimiter::new(1),
             finished: FinishedTasks::default(),
@@ -149,8 +159,27 @@ impl Deliverer {
                     .dead_letter_raw(incoming.body, &format!("unknown schema version {}", d.v))
                     .await
             }
-            Err(err) => return self.dead_letter_raw(incoming.body, &err.to_string()).await,
+            Err(err) => {
+                // Not an event: a batch waiting for its next attempt, or garbage.
+                return match serde_json::from_slice::<WebhookBatch>(&incoming.body) {
+                    Ok(b) if b.v <= SCHEMA_VERSION => self.handle_batch(b, shutdown).await,
+                    _ => self.dead_letter_raw(incoming.body, &err.to_string()).await,
+                };
+            }
         };
+        if let Some(settings) = delivery.batch {
+            let span = tracing::info_span!(
+                "webhook_batched",
+                task_id = %delivery.task_id,
+                webhook_id = %delivery.webhook_id,
+                event = delivery.event.as_str(),
+            );
+            return self
+                .batches
+                .add(self, delivery, settings, shutdown)
+                .instrument(span)
+                .await;
+        }
         let span = tracing::info_span!(
             "webhook",
             task_id = %delivery.task_id,
@@ -205,7 +234,7 @@ impl Deliverer {
                 duration: Duration::ZERO,
                 response,
             },
-            Ok((url, key)) => {
+            Ok((url, keys)) => {
                 let host_slot = match self
                     .hosts
                     .acquire(host_key(&url), SLOT_STALL, SLOT_PATIENCE)
@@ -217,7 +246,7 @@ impl Deliverer {
                         return self.park(&d, busy_park(busy), "host_busy").await;
                     }
                 };
-                let attempt = self.send(&d, url, &key, &shutdown).await;
+                let attempt = self.send(&d, url, &keys, &shutdown).await;
                 match &attempt {
                     // No answer: the host is no less stuck than before this request.
                     Some(Attempt {
@@ -253,14 +282,22 @@ impl Deliverer {
         if d.not_before.is_some() || d.attempts_made > 0 || !d.event.is_terminal() {
             return d.not_before;
         }
-        let first = self.ladder.first_delay().filter(|delay| !delay.is_zero())?;
+        let first = self
+            .ladder_for(d.retry.as_ref())
+            .first_delay()
+            .filter(|delay| !delay.is_zero())?;
         chrono::Duration::from_std(first)
             .ok()
             .map(|delay| d.occurred_at + delay)
     }
 
-    /// The URL (checked by the guard) and signing key, or why nothing can be sent.
-    fn prepare(&self, d: &WebhookDelivery) -> Result<(Url, SigningKey), Response> {
+    /// The task's own schedule, or the operator's.
+    fn ladder_for(&self, own: Option<&RetrySchedule>) -> RetryLadder {
+        own.map_or_else(|| self.ladder.clone(), |s| RetryLadder::new(s.clone()))
+    }
+
+    /// The URL (checked by the guard) and signing keys, or why nothing can be sent.
+    fn prepare(&self, d: &WebhookDelivery) -> Result<(Url, Vec<SigningKey>), Response> {
         if d.body.len() > MAX_BODY_BYTES {
             return Err(Response::Unsendable {
                 error: format!(
@@ -269,22 +306,22 @@ impl Deliverer {
                 ),
             });
         }
-        let key = SigningKey::parse(&d.secret).map_err(|e| Response::Unsendable {
-            error: e.to_string(),
-        })?;
-        let url = self
-            .guard
-            .check_url(&d.url)
-            .map_err(|refusal| match refusal {
-                Refusal::BadUrl => Response::Unsendable {
-                    error: refusal.to_string(),
-                },
-                _ => Response::Failed {
-                    error: refusal.to_string(),
-                    refused: true,
-                },
-            })?;
-        Ok((url, key))
+        let keys = signing_keys(&d.secret, d.previous_secret.as_ref())?;
+        let url = self.checked_url(&d.url)?;
+        Ok((url, keys))
+    }
+
+    /// `raw` if the guard lets it through.
+    fn checked_url(&self, raw: &str) -> Result<Url, Response> {
+        self.guard.check_url(raw).map_err(|refusal| match refusal {
+            Refusal::BadUrl => Response::Unsendable {
+                error: refusal.to_string(),
+            },
+            _ => Response::Failed {
+                error: refusal.to_string(),
+                refused: true,
+            },
+        })
     }
 
     /// Makes the HTTP request; `None` when shutdown cut it short.
@@ -292,20 +329,34 @@ impl Deliverer {
         &self,
         d: &WebhookDelivery,
         url: Url,
-        key: &SigningKey,
+        keys: &[SigningKey],
+        shutdown: &CancellationToken,
+    ) -> Option<Attempt> {
+        self.post(url, &d.headers, &d.webhook_id, keys, &d.body, shutdown)
+            .await
+    }
+
+    /// Signs and POSTs `body` as message `id`; `None` when shutdown cut it short.
+    async fn post(
+        &self,
+        url: Url,
+        custom: &BTreeMap<String, String>,
+        id: &str,
+        keys: &[SigningKey],
+        body: &str,
         shutdown: &CancellationToken,
     ) -> Option<Attempt> {
         let attempted_at = now_millis();
         let timestamp = attempted_at.timestamp();
-        let signature = key.sign(&d.webhook_id, timestamp, &d.body);
-        let headers = request_headers(d, timestamp, &signature);
+        let signature = signature_header(keys, id, timestamp, body);
+        let headers = request_headers(custom, id, timestamp, &signature);
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
         let request = self
             .http
             .post(url)
             .headers(headers)
-            .body(d.body.clone())
+            .body(body.to_owned())
             .send();
         let response = tokio::select! {
             r = exchange(request) => r,
@@ -327,29 +378,7 @@ impl Deliverer {
     /// The outcome of an attempt and the message that carries the event further (its
     /// next attempt, or the dead-letter queue).
     fn decide(&self, d: &WebhookDelivery, a: &Attempt) -> (AttemptOutcome, Option<Outgoing>) {
-        let (status, error, retry_after, label) = match &a.response {
-            Response::Answered {
-                status,
-                retry_after,
-            } => {
-                let label = match status {
-                    200..=299 => outcome::DELIVERED,
-                    410 => outcome::DROPPED,
-                    _ => outcome::FAILED,
-                };
-                let honoured = retry_after.filter(|_| honours_retry_after(*status));
-                (Some(*status), None, honoured, label)
-            }
-            Response::Failed { error, refused } => {
-                let label = if *refused {
-                    outcome::REFUSED
-                } else {
-                    outcome::FAILED
-                };
-                (None, Some(error.clone()), None, label)
-            }
-            Response::Unsendable { error } => (None, Some(error.clone()), None, outcome::FAILED),
-        };
+        let (status, error, retry_after, label) = classify(&a.response);
         self.metrics.attempts.with_label_values(&[label]).inc();
         let made = d.attempts_made.saturating_add(1);
         let (state, next_at, follow_up) = match label {
@@ -366,7 +395,10 @@ impl Deliverer {
             _ if matches!(a.response, Response::Unsendable { .. }) => {
                 (DeliveryState::Failed, None, Some(self.dead(d, made)))
             }
-            _ => match self.ladder.next(made, random_fraction(), retry_after) {
+            _ => match self
+                .ladder_for(d.retry.as_ref())
+                .next(made, random_fraction(), retry_after)
+            {
                 NextAttempt::After(delay) => {
                     // Counted from the end of this attempt.
                     let due = now_millis()
@@ -540,6 +572,33 @@ fn busy_park(busy: Busy) -> Duration {
         .min(BUSY_PARK_MAX)
 }
 
+/// What a response says: its status, error, honoured `Retry-After` and metrics label.
+fn classify(response: &Response) -> (Option<u16>, Option<String>, Option<Duration>, &'static str) {
+    match response {
+        Response::Answered {
+            status,
+            retry_after,
+        } => {
+            let label = match status {
+                200..=299 => outcome::DELIVERED,
+                410 => outcome::DROPPED,
+                _ => outcome::FAILED,
+            };
+            let honoured = retry_after.filter(|_| honours_retry_after(*status));
+            (Some(*status), None, honoured, label)
+        }
+        Response::Failed { error, refused } => {
+            let label = if *refused {
+                outcome::REFUSED
+            } else {
+                outcome::FAILED
+            };
+            (None, Some(error.clone()), None, label)
+        }
+        Response::Unsendable { error } => (None, Some(error.clone()), None, outcome::FAILED),
+    }
+}
+
 /// Sends the request and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
 async fn exchange(
     request: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
@@ -614,9 +673,14 @@ fn truncate(mut s: String, max: usize) -> String {
 
 /// The request headers: the task's own headers verbatim, then the ones Conduit sets
 /// (which win over a same-named custom header the API should have refused anyway).
-fn request_headers(d: &WebhookDelivery, timestamp: i64, signature: &str) -> HeaderMap {
-    let mut headers = HeaderMap::with_capacity(d.headers.len() + 5);
-    for (name, value) in &d.headers {
+fn request_headers(
+    custom: &BTreeMap<String, String>,
+    id: &str,
+    timestamp: i64,
+    signature: &str,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(custom.len() + 5);
+    for (name, value) in custom {
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
@@ -634,7 +698,7 @@ fn request_headers(d: &WebhookDelivery, timestamp: i64, signature: &str) -> Head
         HeaderValue::from(timestamp),
     );
     let signed: [(HeaderName, &str); 2] = [
-        (HeaderName::from_static("webhook-id"), &d.webhook_id),
+        (HeaderName::from_static("webhook-id"), id),
         (HeaderName::from_static("webhook-signature"), signature),
     ];
     for (name, value) in signed {
@@ -646,6 +710,27 @@ fn request_headers(d: &WebhookDelivery, timestamp: i64, signature: &str) -> Head
         }
     }
     headers
+}
+
+/// The signing keys of an attempt made now: the secret, then the previous one while its
+/// overlap lasts (an unusable previous secret is left out rather than failing the event).
+fn signing_keys(
+    secret: &str,
+    previous: Option<&PreviousSecret>,
+) -> Result<Vec<SigningKey>, Response> {
+    let key = SigningKey::parse(secret).map_err(|e| Response::Unsendable {
+        error: e.to_string(),
+    })?;
+    let mut keys = vec![key];
+    if let Some(p) = previous.filter(|p| p.expires_at > Utc::now()) {
+        match SigningKey::parse(&p.secret) {
+            Ok(old) => keys.push(old),
+            Err(_) => {
+                warn!("the previous signing secret is unusable; signing with the new one only")
+            }
+        }
+    }
+    Ok(keys)
 }
 
 /// The per-host concurrency key: host and port.
@@ -725,8 +810,6 @@ impl FinishedTasks {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn delivery() -> WebhookDelivery {
@@ -745,12 +828,16 @@ mod tests {
             occurred_at: now_millis(),
             attempts_made: 0,
             not_before: None,
+            retry: None,
+            batch: None,
+            previous_secret: None,
         }
     }
 
     #[test]
     fn conduit_headers_win_and_custom_ones_pass() {
-        let h = request_headers(&delivery(), 1_614_265_330, "v1,abc");
+        let d = delivery();
+        let h = request_headers(&d.headers, &d.webhook_id, 1_614_265_330, "v1,abc");
         assert_eq!(h["authorization"], "Bearer x");
         assert_eq!(h["user-agent"], USER_AGENT_VALUE);
         assert_eq!(h.get_all("user-agent").iter().count(), 1);

@@ -32,6 +32,11 @@ impl RetryLadder {
         Self { schedule }
     }
 
+    /// The schedule it follows.
+    pub fn schedule(&self) -> &RetrySchedule {
+        &self.schedule
+    }
+
     /// Attempts in one schedule.
     pub fn attempts(&self) -> u32 {
         u32::try_from(self.schedule.attempts()).unwrap_or(u32::MAX)

@@ -65,6 +65,16 @@ impl SigningKey {
     }
 }
 
+/// The `webhook-signature` header of one attempt signed with every key of `keys`, in
+/// order and space-separated (`v1,<new> v1,<old>` while a rotation overlaps): a
+/// Standard Webhooks receiver accepts the message when any one of them verifies.
+pub fn signature_header(keys: &[SigningKey], id: &str, timestamp: i64, body: &str) -> String {
+    keys.iter()
+        .map(|k| k.sign(id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Signs one attempt: the value of its `webhook-signature` header.
 pub fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> Result<String, InvalidSecret> {
     Ok(SigningKey::parse(secret)?.sign(id, timestamp, body))
@@ -126,6 +136,21 @@ mod tests {
         ));
         assert!(!verify(SECRET, ID, TS, BODY, "v1,not base64"));
         assert!(!verify(SECRET, ID, TS, BODY, ""));
+    }
+
+    #[test]
+    fn several_keys_sign_in_order_and_each_verifies() {
+        let other = "whsec_c2VjcmV0LWtleS1vdGhlcg==";
+        let keys = [
+            SigningKey::parse(SECRET).unwrap(),
+            SigningKey::parse(other).unwrap(),
+        ];
+        let header = signature_header(&keys, ID, TS, BODY);
+        let (first, second) = header.split_once(' ').unwrap();
+        assert_eq!(first, EXPECTED);
+        assert_eq!(second, sign(other, ID, TS, BODY).unwrap());
+        assert!(verify(SECRET, ID, TS, BODY, &header));
+        assert!(verify(other, ID, TS, BODY, &header));
     }
 
     #[test]

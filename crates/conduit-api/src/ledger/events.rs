@@ -19,6 +19,7 @@ use conduit_core::{
 use deadpool_postgres::Pool;
 
 use super::{
+    secrets::{KeySecrets, SECRETS_OF_TASK_KEY},
     task::{TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks,
 };
@@ -119,7 +120,7 @@ pub(super) async fn apply(
         .context("starting ledger transaction")?;
     let lock = tx
         .prepare_cached(&format!(
-            "SELECT {TASK_COLUMNS}, (SELECT webhook_secret FROM api_keys k WHERE k.id = t.api_key_id) AS secret
+            "SELECT {TASK_COLUMNS}, {SECRETS_OF_TASK_KEY}
              FROM tasks t WHERE id = $1 FOR UPDATE"
         ))
         .await
@@ -132,7 +133,7 @@ pub(super) async fn apply(
         return Ok(Applied::Dropped(Drop::UnknownTask));
     };
     let task = TaskRow::from_row(&row)?;
-    let secret: String = row.try_get("secret")?;
+    let secrets = KeySecrets::from_row(&row)?;
     if let Err(drop) = judge(task.status, task.attempt, task.last_seq, event) {
         return Ok(Applied::Dropped(drop));
     }
@@ -252,7 +253,7 @@ pub(super) async fn apply(
         }
     };
     if let Some(payload) = &payload {
-        webhooks::record_event(&tx, &task, &secret, payload, at).await?;
+        webhooks::record_event(&tx, &task, &secrets, payload, at).await?;
     }
     tx.commit().await.context("committing ledger transaction")?;
     Ok(Applied::Applied {

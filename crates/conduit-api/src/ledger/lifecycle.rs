@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::{
     outbox,
+    secrets::{KeySecrets, SECRETS_OF_TASK_KEY},
     task::{job_outgoing, TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks, LedgerError, TaskPage,
 };
@@ -108,11 +109,10 @@ async fn lock_own(
     tx: &deadpool_postgres::Transaction<'_>,
     key_id: Uuid,
     task_id: Uuid,
-) -> Result<(TaskRow, String), LedgerError> {
+) -> Result<(TaskRow, KeySecrets), LedgerError> {
     let stmt = tx
         .prepare_cached(&format!(
-            "SELECT {TASK_COLUMNS},
-                 (SELECT webhook_secret FROM api_keys k WHERE k.id = t.api_key_id) AS secret
+            "SELECT {TASK_COLUMNS}, {SECRETS_OF_TASK_KEY}
              FROM tasks t WHERE id = $1 AND api_key_id = $2 FOR UPDATE"
         ))
         .await
@@ -122,8 +122,8 @@ async fn lock_own(
         .await
         .context("locking the task")?
         .ok_or(LedgerError::NotFound)?;
-    let secret: String = row.try_get("secret").context("reading the key's secret")?;
-    Ok((TaskRow::from_row(&row)?, secret))
+    let secrets = KeySecrets::from_row(&row)?;
+    Ok((TaskRow::from_row(&row)?, secrets))
 }
 
 /// Cancels a pending or processing task: the row, the generators' cancel and the
@@ -135,7 +135,7 @@ pub(super) async fn cancel(
 ) -> Result<TaskRow, LedgerError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await.context("starting cancel")?;
-    let (task, secret) = lock_own(&tx, key_id, task_id).await?;
+    let (task, secrets) = lock_own(&tx, key_id, task_id).await?;
     if task.status.is_terminal() {
         return Err(LedgerError::AlreadyTerminal(task.status));
     }
@@ -171,7 +171,7 @@ pub(super) async fn cancel(
             task.model.clone(),
             task.prompt.clone(),
         ));
-        webhooks::record_event(&tx, &task, &secret, &payload, now).await?;
+        webhooks::record_event(&tx, &task, &secrets, &payload, now).await?;
     }
     tx.commit().await.context("committing cancel")?;
     Ok(task)

@@ -12,6 +12,7 @@
 mod events;
 mod lifecycle;
 mod outbox;
+mod secrets;
 mod submits;
 mod task;
 mod webhooks;
@@ -31,6 +32,7 @@ use uuid::Uuid;
 
 pub(crate) use events::Applied;
 pub(crate) use outbox::OutboxRelay;
+pub(crate) use secrets::KeySecrets;
 pub(crate) use submits::SubmitWriter;
 pub(crate) use task::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents};
 pub(crate) use webhooks::{DeliveryRecord, Redelivered};
@@ -238,6 +240,23 @@ impl TaskLedger {
         let redelivered = webhooks::redeliver(&self.pool, key_id, task_id).await?;
         self.wake_relay();
         Ok(redelivered)
+    }
+
+    /// The webhook signing secrets of key `key_id`.
+    pub(crate) async fn webhook_secrets(&self, key_id: Uuid) -> Result<KeySecrets, LedgerError> {
+        let client = self.pool.get().await?;
+        secrets::get(&client, key_id).await
+    }
+
+    /// Gives key `key_id` a new webhook signing secret; the old one is signed with too
+    /// for `overlap_seconds`.
+    pub(crate) async fn rotate_webhook_secret(
+        &self,
+        key_id: Uuid,
+        overlap_seconds: u32,
+    ) -> Result<KeySecrets, LedgerError> {
+        let client = self.pool.get().await?;
+        secrets::rotate(&client, key_id, overlap_seconds).await
     }
 
     /// The relay that publishes this ledger's outbox through `broker`.

@@ -446,6 +446,8 @@ async fn insert_tasks_with_jobs(
     let mut bodies = Vec::with_capacity(n);
     let mut message_ids = Vec::with_capacity(n);
     let mut images = Vec::with_capacity(n);
+    let mut retries = Vec::with_capacity(n);
+    let mut batches = Vec::with_capacity(n);
     for s in submits {
         let t = &s.task;
         ids.push(t.id);
@@ -466,6 +468,13 @@ async fn insert_tasks_with_jobs(
         bodies.push(s.job.body.as_slice());
         message_ids.push(s.job.message_id.as_deref());
         images.push(t.image_url.as_deref());
+        retries.push(t.webhook_retry.as_ref().map(ToString::to_string));
+        batches.push(
+            t.webhook_batch
+                .map(serde_json::to_value)
+                .transpose()
+                .context("encoding webhook_batch")?,
+        );
     }
     let stmt = client
         .prepare_cached(
@@ -473,17 +482,19 @@ async fn insert_tasks_with_jobs(
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::int4[], $8::int4[], $9::int4[], $10::int4[], $11::int8[],
                      $12::text[], $13::jsonb[], $14::text[], $15::timestamptz[], $16::bytea[],
-                     $17::text[], $19::text[])
+                     $17::text[], $19::text[], $20::text[], $21::jsonb[])
                  AS s (id, api_key_id, model, provider, upstream_model, prompt, duration, width,
                      height, fps, seed, webhook_url, webhook_headers, webhook_events, created_at,
-                     job, message_id, image_url)
+                     job, message_id, image_url, webhook_retry, webhook_batch)
              ), task AS (
                  INSERT INTO tasks (id, api_key_id, attempt, status, model, provider,
                      upstream_model, prompt, duration, width, height, fps, seed, webhook_url,
-                     webhook_headers, webhook_events, created_at, updated_at, image_url)
+                     webhook_headers, webhook_events, created_at, updated_at, image_url,
+                     webhook_retry, webhook_batch)
                  SELECT id, api_key_id, 1, 'pending', model, provider, upstream_model, prompt,
                      duration, width, height, fps, seed, webhook_url, webhook_headers,
-                     string_to_array(webhook_events, ','), created_at, created_at, image_url
+                     string_to_array(webhook_events, ','), created_at, created_at, image_url,
+                     webhook_retry, webhook_batch
                  FROM submit)
              INSERT INTO outbox (target, route, body, task_id, message_id)
              SELECT 'queue', $18, job, id, message_id FROM submit",
@@ -514,6 +525,8 @@ async fn insert_tasks_with_jobs(
                 &message_ids,
                 &route,
                 &images,
+                &retries,
+                &batches,
             ],
         )
         .await

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use conduit_core::{
-    messages::{JobMessage, RenderSpec, SCHEMA_VERSION},
+    config::RetrySchedule,
+    messages::{BatchSettings, JobMessage, RenderSpec, SCHEMA_VERSION},
     payload::WebhookEvent,
     topology::route,
     Outgoing,
@@ -76,6 +77,10 @@ pub(crate) struct TaskRow {
     pub(crate) webhook_url: Option<String>,
     pub(crate) webhook_headers: BTreeMap<String, String>,
     pub(crate) webhook_events: WebhookEvents,
+    /// The task's own retry schedule for terminal webhooks (`webhook_retry`).
+    pub(crate) webhook_retry: Option<RetrySchedule>,
+    /// Batch delivery of the task's webhooks (`webhook_batch`).
+    pub(crate) webhook_batch: Option<BatchSettings>,
     pub(crate) video_key: Option<String>,
     pub(crate) generation_duration_seconds: Option<f64>,
     pub(crate) error: Option<String>,
@@ -92,13 +97,15 @@ pub(super) const TASK_COLUMNS: &str =
     "id, api_key_id, attempt, status, progress, message, eta_seconds, \
      model, provider, upstream_model, prompt, duration, width, height, fps, seed, webhook_url, \
      webhook_headers, webhook_events, video_key, generation_duration_seconds, error, created_at, \
-     updated_at, completed_at, last_seq";
+     updated_at, completed_at, last_seq, webhook_retry, webhook_batch";
 
 impl TaskRow {
     pub(crate) fn from_row(row: &Row) -> anyhow::Result<Self> {
         let status: String = row.try_get("status")?;
         let headers: serde_json::Value = row.try_get("webhook_headers")?;
         let events: Vec<String> = row.try_get("webhook_events")?;
+        let retry: Option<String> = row.try_get("webhook_retry")?;
+        let batch: Option<serde_json::Value> = row.try_get("webhook_batch")?;
         Ok(Self {
             id: row.try_get("id")?,
             api_key_id: row.try_get("api_key_id")?,
@@ -120,6 +127,14 @@ impl TaskRow {
             webhook_url: row.try_get("webhook_url")?,
             webhook_headers: serde_json::from_value(headers).unwrap_or_default(),
             webhook_events: WebhookEvents::from_names(&events),
+            webhook_retry: retry
+                .map(|r| RetrySchedule::parse(&r))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("stored webhook_retry: {e}"))?,
+            webhook_batch: batch
+                .map(serde_json::from_value)
+                .transpose()
+                .context("stored webhook_batch")?,
             video_key: row.try_get("video_key")?,
             generation_duration_seconds: row.try_get("generation_duration_seconds")?,
             error: row.try_get("error")?,

@@ -16,7 +16,12 @@ use conduit_core::{
 use deadpool_postgres::{GenericClient, Pool};
 use uuid::Uuid;
 
-use super::{outbox, task::TaskRow, LedgerError};
+use super::{
+    outbox,
+    secrets::{KeySecrets, SECRETS_OF_TASK_KEY},
+    task::TaskRow,
+    LedgerError,
+};
 
 /// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
 fn new_webhook_id() -> String {
@@ -34,7 +39,7 @@ fn delivery_outgoing(d: &WebhookDelivery) -> anyhow::Result<Outgoing> {
 pub(super) async fn record_event(
     client: &impl GenericClient,
     task: &TaskRow,
-    secret: &str,
+    secrets: &KeySecrets,
     payload: &WebhookPayload,
     occurred_at: DateTime<Utc>,
 ) -> anyhow::Result<String> {
@@ -49,11 +54,14 @@ pub(super) async fn record_event(
         event: payload.event(),
         url,
         headers: task.webhook_headers.clone(),
-        secret: secret.to_owned(),
+        secret: secrets.current.clone(),
         body: payload.to_body(),
         occurred_at,
         attempts_made: 0,
         not_before: None,
+        retry: task.webhook_retry.clone(),
+        batch: task.webhook_batch,
+        previous_secret: secrets.previous.clone(),
     };
     let stmt = client
         .prepare_cached(
@@ -175,16 +183,20 @@ pub(super) async fn redeliver(
 ) -> Result<Redelivered, LedgerError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await.context("starting redelivery")?;
-    let secret: String = tx
+    let task = tx
         .query_opt(
-            "SELECT k.webhook_secret FROM tasks t JOIN api_keys k ON k.id = t.api_key_id
-             WHERE t.id = $1 AND t.api_key_id = $2",
+            &format!(
+                "SELECT t.webhook_retry, t.webhook_batch, {SECRETS_OF_TASK_KEY}
+                 FROM tasks t WHERE t.id = $1 AND t.api_key_id = $2"
+            ),
             &[&task_id, &key_id],
         )
         .await
         .context("looking up the task")?
-        .ok_or(LedgerError::NotFound)?
-        .get(0);
+        .ok_or(LedgerError::NotFound)?;
+    let secrets = KeySecrets::from_row(&task)?;
+    let retry: Option<String> = task.get(0);
+    let batch: Option<serde_json::Value> = task.get(1);
     let row = tx
         .query_opt(
             "SELECT webhook_id, event, body, url, headers, occurred_at FROM webhook_events
@@ -206,11 +218,21 @@ pub(super) async fn redeliver(
         event,
         url: row.get(3),
         headers: serde_json::from_value::<BTreeMap<String, String>>(headers).unwrap_or_default(),
-        secret,
+        secret: secrets.current,
         body: row.get(2),
         occurred_at: row.get(5),
         attempts_made: 0,
         not_before: None,
+        // Today's options and secrets: a redelivery is sent as the task asks now.
+        retry: retry
+            .map(|r| conduit_core::config::RetrySchedule::parse(&r))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("stored webhook_retry: {e}"))?,
+        batch: batch
+            .map(serde_json::from_value)
+            .transpose()
+            .context("stored webhook_batch")?,
+        previous_secret: secrets.previous,
     };
     tx.execute(
         "UPDATE webhook_events SET status = 'pending', next_attempt_at = $2 WHERE webhook_id = $1",

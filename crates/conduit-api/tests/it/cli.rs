@@ -145,7 +145,15 @@ async fn concurrent_start_ups_create_and_migrate_the_database_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(applied, 3);
+    // Every migration file, once.
+    let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .unwrap()
+        .filter(|f| {
+            f.as_ref()
+                .is_ok_and(|f| f.file_name().to_string_lossy().ends_with(".sql"))
+        })
+        .count();
+    assert_eq!(applied, i64::try_from(files).unwrap());
     drop(client);
     pool.close();
     cleanup(&settings).await;

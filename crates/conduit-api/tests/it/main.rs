@@ -10,6 +10,7 @@ mod auth;
 mod batching;
 mod cancel;
 mod cli;
+mod delivery_options;
 mod errors;
 mod idempotency;
 mod ledger;

@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-const ROUTES: [(&str, &str); 14] = [
+const ROUTES: [(&str, &str); 15] = [
     ("post", "/v1/videos/generations/async"),
     ("get", "/v1/videos/generations/tasks"),
     ("get", "/v1/videos/generations/tasks/{task_id}"),
@@ -16,6 +16,7 @@ const ROUTES: [(&str, &str); 14] = [
         "/v1/videos/generations/tasks/{task_id}/webhooks/redeliver",
     ),
     ("get", "/v1/webhooks/secret"),
+    ("post", "/v1/webhooks/secret/rotate"),
     ("get", "/v1/models"),
     ("get", "/v1/videos/files/{task_id}"),
     ("get", "/openapi.json"),

@@ -3,6 +3,7 @@
 //! queue and reads attempt outcomes and dead letters back. Receivers are small HTTP
 //! servers on 127.0.0.1 in the test process.
 
+mod batches;
 mod bench;
 mod delivery;
 mod isolation;
@@ -287,6 +288,9 @@ pub fn delivery_of(url: &str, payload: &WebhookPayload) -> WebhookDelivery {
         occurred_at,
         attempts_made: 0,
         not_before: None,
+        retry: None,
+        batch: None,
+        previous_secret: None,
     }
 }
 
