@@ -70,33 +70,7 @@ for c in cases:
     Webhook(c["secret"]).verify(c["body"].encode(), c["headers"])
 print(len(cases))
 "#;
-    let cases: Vec<serde_json::Value> = requests
-        .iter()
-        .map(|r| {
-            let headers: serde_json::Map<String, serde_json::Value> = r
-                .headers
-                .iter()
-                .map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone())))
-                .collect();
-            serde_json::json!({"secret": secret, "body": r.body, "headers": headers})
-        })
-        .collect();
-    let mut child = tokio::process::Command::new("python3")
-        .args(["-c", SCRIPT])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 starts");
-    {
-        use tokio::io::AsyncWriteExt;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(&serde_json::to_vec(&cases).expect("cases encode"))
-            .await
-            .expect("cases written");
-    }
-    let out = child.wait_with_output().await.expect("python3 finishes");
+    let out = crate::python::run_with_cases(SCRIPT, secret, requests).await;
     assert!(
         out.status.success(),
         "the reference library refused a signature made with {secret}: {}",

@@ -165,8 +165,27 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
         h.publish(&d).await;
     }
     h.finals(&ids, Duration::from_secs(20)).await;
-    let cases: Vec<serde_json::Value> = receiver
-        .requests()
+    let out = run_with_cases(VERIFY_WITH_REFERENCE, crate::SECRET, &receiver.requests()).await;
+    assert!(
+        out.status.success(),
+        "the reference library refused our signature: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "verified 2");
+
+    app.stop().await;
+    receiver.stop().await;
+    h.cleanup().await;
+}
+
+/// Runs the Python `script` with one case per request on its standard input (a JSON
+/// list of `{"secret", "body", "headers"}`), as the reference-library checks read them.
+pub(crate) async fn run_with_cases(
+    script: &str,
+    secret: &str,
+    requests: &[crate::Captured],
+) -> std::process::Output {
+    let cases: Vec<serde_json::Value> = requests
         .iter()
         .map(|r| {
             let headers: serde_json::Map<String, serde_json::Value> = r
@@ -174,11 +193,11 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
                 .iter()
                 .map(|(n, v)| (n.clone(), serde_json::Value::String(v.clone())))
                 .collect();
-            serde_json::json!({"secret": crate::SECRET, "body": r.body, "headers": headers})
+            serde_json::json!({"secret": secret, "body": r.body, "headers": headers})
         })
         .collect();
     let mut child = tokio::process::Command::new("python3")
-        .args(["-c", VERIFY_WITH_REFERENCE])
+        .args(["-c", script])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -192,15 +211,5 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
             .await
             .expect("cases written");
     }
-    let out = child.wait_with_output().await.expect("python3 finishes");
-    assert!(
-        out.status.success(),
-        "the reference library refused our signature: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "verified 2");
-
-    app.stop().await;
-    receiver.stop().await;
-    h.cleanup().await;
+    child.wait_with_output().await.expect("python3 finishes")
 }
