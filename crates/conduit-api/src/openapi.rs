@@ -30,12 +30,16 @@ impl Modify for Security {
     }
 }
 
-/// Liveness: 200 while the process runs.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Running")))]
+/// Liveness: 200 while the process and its work loops run; 503 once a consumer or the
+/// outbox relay has been stalled longer than `CONDUIT__HEALTH__STALL_SECONDS`.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses(
+    (status = 200, description = "Running"),
+    (status = 503, description = "A work loop is stalled", body = error::ErrorBody)))]
 #[allow(dead_code)]
 fn healthz() {}
 
-/// Readiness: 200 while RabbitMQ and PostgreSQL are reachable, else 503.
+/// Readiness: 200 while PostgreSQL is reachable, else 503 (a RabbitMQ outage does not
+/// count: submits wait in the outbox).
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses(
     (status = 200, description = "Ready"),
     (status = 503, description = "A dependency is unreachable", body = error::ErrorBody)))]

@@ -3,6 +3,12 @@
 //! The connection is opened in the background, so a service starts (and answers
 //! `/readyz` 503) while the broker is away. Once up, lapin's auto-recovery reconnects and
 //! replays the topology; a consumer whose channel cannot be recovered opens a new one.
+//! Recovery is supervised, never trusted: a connection (or its publish channel) still
+//! unusable [`RECOVERY_GRACE`] after it broke is abandoned for a fresh one, and a
+//! consumer channel that did not come back within the same grace is replaced, so a
+//! recovery that raced with work in flight and stalled part-way cannot leave a
+//! consumer dead while the process lives. Every consumer loop beats a
+//! [`crate::health::Heartbeat`] while it can take deliveries, which `/healthz` watches.
 //! Every publish waits for the broker's confirm: a nack, an unroutable message or a lost
 //! connection is an error the caller sees, never a silent drop. Every consume uses manual
 //! acks, a bounded prefetch and a bounded number of handlers in flight.
@@ -35,7 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 use uuid::Uuid;
 
-use crate::{config::AmqpSettings, topology::Topology};
+use crate::{
+    config::AmqpSettings,
+    health::{Health, Heartbeat, IDLE_TICK},
+    topology::Topology,
+};
 
 /// How long a handler may take to hand its delivery back once shutdown began.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
@@ -45,6 +55,16 @@ const DRAIN_GRACE: Duration = Duration::from_secs(20);
 /// noticing would otherwise hold the caller forever; past this the caller sees an error
 /// and republishes later (consumers drop duplicates by id).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a broken connection, its publish channel or a consumer's channel may stay
+/// unusable before it is given up and replaced. lapin retries at most every 5 s, so a
+/// recovery that works completes well within this once the broker is back; one that
+/// stalled part-way never does.
+const RECOVERY_GRACE: Duration = Duration::from_secs(12);
+
+/// Longest a settle (ack, nack, reject) may take. On a channel stuck in a recovery it
+/// would otherwise wait forever and keep its handler's slot.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct Live {
@@ -61,6 +81,7 @@ pub struct Broker {
 struct Inner {
     topology: Topology,
     live: watch::Receiver<Option<Live>>,
+    health: Health,
 }
 
 /// Where a message goes: a work queue of the namespace's direct exchange, or every
@@ -168,12 +189,22 @@ impl Broker {
             supervise(target, conn_name, task_topology, tx, shutdown).await;
         });
         Self {
-            inner: Arc::new(Inner { topology, live: rx }),
+            inner: Arc::new(Inner {
+                topology,
+                live: rx,
+                health: Health::default(),
+            }),
         }
     }
 
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
+    }
+
+    /// The heartbeats of this process's consumers; other work loops (the API's outbox
+    /// relay) register here too, so `/healthz` watches them all.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
 
     /// True while the connection to the broker is up and messages can be published.
@@ -338,6 +369,12 @@ impl Broker {
             Source::Queue(r) => self.inner.topology.queue(r),
             Source::Control => self.inner.topology.control_exchange(),
         };
+        // Beats while a delivery can be taken (a delivery handled, or an idle tick on a
+        // usable channel); silent while the consumer is gone: no connection, a channel
+        // that is not open or still recovering.
+        let heartbeat = self.inner.health.heartbeat(format!("consumer {label}"));
+        let mut ticks = tokio::time::interval(IDLE_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'session: while !shutdown.is_cancelled() {
             let live = tokio::select! {
                 live = self.live() => live?,
@@ -371,35 +408,65 @@ impl Broker {
             // settler of its own; the old one settles (or finds poisoned) what is left.
             let mut settler =
                 (!matches!(source, Source::Control)).then(|| Settler::spawn(channel.clone()));
+            heartbeat.beat();
+            // Since when the channel has been seen unusable, if it is now.
+            let mut broken_since: Option<tokio::time::Instant> = None;
             loop {
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p.context("consumer semaphore closed")?,
-                    () = shutdown.cancelled() => break 'session,
-                };
-                let next = tokio::select! {
-                    next = consumer.next() => next,
-                    () = shutdown.cancelled() => {
-                        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-                        let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
-                        break 'session;
+                // Waiting for a free slot (every handler busy) is not a stall while
+                // the channel stays usable: the idle tick keeps beating.
+                let permit = loop {
+                    tokio::select! {
+                        p = permits.clone().acquire_owned() => break p.context("consumer semaphore closed")?,
+                        () = shutdown.cancelled() => break 'session,
+                        _ = ticks.tick() => {
+                            if !check_channel(&heartbeat, &channel, &mut broken_since, &label) {
+                                continue 'session;
+                            }
+                        }
                     }
-                    () = self.replaced(&live) => {
-                        warn!(queue = %label, "RabbitMQ connection replaced; consuming on the new one");
-                        continue 'session;
+                };
+                let next = loop {
+                    tokio::select! {
+                        next = consumer.next() => break next,
+                        () = shutdown.cancelled() => {
+                            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                            let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
+                            break 'session;
+                        }
+                        () = self.replaced(&live) => {
+                            warn!(queue = %label, "RabbitMQ connection replaced; consuming on the new one");
+                            continue 'session;
+                        }
+                        _ = ticks.tick() => {
+                            if !check_channel(&heartbeat, &channel, &mut broken_since, &label) {
+                                continue 'session;
+                            }
+                        }
                     }
                 };
                 let delivery = match next {
                     Some(Ok(delivery)) => delivery,
                     Some(Err(err)) => {
                         warn!(queue = %label, error = %err, "consumer interrupted; waiting for recovery");
-                        // A recovery that never completes ends with the supervisor
-                        // replacing the connection.
+                        // A recovery that does not complete within the grace is given
+                        // up: the consumer opens a fresh channel (on a fresh connection,
+                        // if the supervisor replaced this one meanwhile).
                         let recovered = tokio::select! {
-                            r = channel.wait_for_recovery(err) => r.is_ok(),
+                            r = tokio::time::timeout(RECOVERY_GRACE, channel.wait_for_recovery(err)) => {
+                                match r {
+                                    Ok(r) => r.is_ok(),
+                                    Err(_) => {
+                                        warn!(queue = %label, grace_s = RECOVERY_GRACE.as_secs(), "consumer channel did not recover; opening a new one");
+                                        false
+                                    }
+                                }
+                            }
                             () = self.replaced(&live) => false,
                             () = shutdown.cancelled() => break 'session,
                         };
                         if recovered {
+                            heartbeat.beat();
+                            broken_since = None;
                             if settler.is_some() {
                                 settler = Some(Settler::spawn(channel.clone()));
                             }
@@ -412,6 +479,8 @@ impl Broker {
                         continue 'session;
                     }
                 };
+                heartbeat.beat();
+                broken_since = None;
                 let mut delivery = delivery;
                 let incoming = incoming(&mut delivery);
                 let span = tracing::info_span!("delivery", queue = %label, traceparent = incoming.traceparent.as_deref().unwrap_or(""));
@@ -439,6 +508,7 @@ impl Broker {
             }
         }
         drain(in_flight, &label).await;
+        heartbeat.retire();
         Ok(())
     }
 
@@ -597,7 +667,10 @@ impl PendingSettle {
             done,
             asked: tokio::time::Instant::now(),
         });
-        if sent.is_err() || settled.await.is_err() {
+        // The settler gives up on each settle after SETTLE_TIMEOUT; this bound is a
+        // backstop so a slot is never held by a settle that cannot finish.
+        let settled = tokio::time::timeout(SETTLE_TIMEOUT * 2, settled).await;
+        if sent.is_err() || !matches!(settled, Ok(Ok(()))) {
             warn!(
                 ?disposition,
                 "delivery's channel was lost before settling; the broker will redeliver it"
@@ -676,7 +749,10 @@ async fn settle_loop(
             };
             if let Some(last) = covered.last() {
                 let multiple = covered.len() > 1;
-                let result = last.acker.ack(BasicAckOptions { multiple }).await;
+                let result =
+                    tokio::time::timeout(SETTLE_TIMEOUT, last.acker.ack(BasicAckOptions { multiple }))
+                        .await
+                        .unwrap_or_else(|_| Ok(false));
                 report_settle(result, Disposition::Ack);
             }
             let mut outstanding = lock(&outstanding);
@@ -721,7 +797,8 @@ async fn settle_each(
 }
 
 async fn settle_one(acker: &lapin::Acker, disposition: Disposition) {
-    let result = match disposition {
+    let settle = async {
+        match disposition {
         Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => {
             acker
@@ -731,8 +808,13 @@ async fn settle_one(acker: &lapin::Acker, disposition: Disposition) {
                 })
                 .await
         }
-        Disposition::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+            Disposition::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+        }
     };
+    // A settle that cannot go out in time counts as lost with its channel.
+    let result = tokio::time::timeout(SETTLE_TIMEOUT, settle)
+        .await
+        .unwrap_or(Ok(false));
     report_settle(result, disposition);
 }
 
@@ -901,12 +983,15 @@ async fn supervise(
             Ok(live) => {
                 info!(connection = %name, "connected to RabbitMQ");
                 let conn = live.conn.clone();
+                let publish = live.publish.clone();
                 tx.send_replace(Some(live));
                 delay = Duration::from_millis(100);
-                // lapin recovers the connection by itself; only a connection it gave up on
-                // is replaced here. (A recovery that stalls part-way is not: closing or
-                // replacing such a connection was seen to block the runtime inside lapin,
-                // so it only shows as `is_ready()` false.)
+                // lapin recovers the connection by itself. Replaced here: a connection it
+                // gave up on, and one whose recovery has not made it (and its publish
+                // channel) usable within the grace, which a recovery racing with work in
+                // flight was seen to leave stalled for good. While the broker is down the
+                // replacement simply fails to connect and retries.
+                let mut broken_since: Option<tokio::time::Instant> = None;
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -924,17 +1009,26 @@ async fn supervise(
                         warn!(connection = %name, "RabbitMQ connection lost for good; reconnecting");
                         break;
                     }
+                    if healthy(&conn, &publish) {
+                        broken_since = None;
+                        continue;
+                    }
+                    let since = *broken_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= RECOVERY_GRACE {
+                        warn!(
+                            connection = %name,
+                            grace_s = RECOVERY_GRACE.as_secs(),
+                            connection_status = ?status,
+                            publish_channel_status = ?publish.status(),
+                            "RabbitMQ connection did not recover; replacing it"
+                        );
+                        break;
+                    }
                 }
                 // Publishers fail fast and consumers wait for the new connection instead
                 // of working on the old one.
                 tx.send_replace(None);
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        conn.close(200, "replaced".into()),
-                    )
-                    .await;
-                });
+                tokio::spawn(retire(conn, name.clone()));
             }
             Err(err) => {
                 // A refused certificate is retried like an outage (the broker's
@@ -955,6 +1049,58 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Closes a replaced connection. One still recovering cannot be closed now (lapin only
+/// closes a connected one), and if its recovery completed later, the consumers it
+/// replays would hold deliveries nobody handles: so it is watched and closed as soon
+/// as it is connected again, or dropped once lapin gave it up.
+async fn retire(conn: Arc<Connection>, name: String) {
+    let watch_for = Duration::from_secs(600);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < watch_for {
+        let status = conn.status();
+        if status.closed() || (status.errored() && !status.reconnecting()) {
+            return;
+        }
+        if status.connected() {
+            let closed =
+                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "replaced".into()))
+                    .await;
+            if matches!(closed, Ok(Ok(()))) {
+                debug!(connection = %name, "replaced RabbitMQ connection closed");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    warn!(connection = %name, "replaced RabbitMQ connection never closed; dropping it");
+}
+
+/// Beats `heartbeat` while `channel` is usable. False once it has been unusable for
+/// longer than [`RECOVERY_GRACE`]: the consumer then opens a new one.
+fn check_channel(
+    heartbeat: &Heartbeat,
+    channel: &Channel,
+    broken_since: &mut Option<tokio::time::Instant>,
+    label: &str,
+) -> bool {
+    if channel.status().connected() {
+        *broken_since = None;
+        heartbeat.beat();
+        return true;
+    }
+    let since = *broken_since.get_or_insert_with(tokio::time::Instant::now);
+    if since.elapsed() < RECOVERY_GRACE {
+        return true;
+    }
+    warn!(
+        queue = %label,
+        grace_s = RECOVERY_GRACE.as_secs(),
+        channel_status = ?channel.status(),
+        "consumer channel did not recover; opening a new one"
+    );
+    false
 }
 
 async fn connect(target: &Endpoint, name: &str, topology: &Topology) -> anyhow::Result<Live> {

@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod health;
 pub mod messages;
 pub mod netguard;
 pub mod ops;

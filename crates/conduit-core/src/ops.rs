@@ -1,13 +1,21 @@
 //! What every service serves to operators: `GET /healthz`, `GET /readyz` and
 //! `GET /metrics`, plus the SIGTERM/SIGINT handling that starts a clean shutdown.
+//!
+//! `/healthz` is liveness: 200 while every work loop of the process beats (see
+//! [`crate::health`]), 503 once one has been silent longer than the stall grace, so a
+//! liveness probe restarts a process whose consumer died while the process lived.
+//! `/readyz` is readiness: whether the dependencies the service needs to do its work
+//! now are reachable.
 
-use std::{future::Future, net::TcpListener, pin::Pin, sync::Arc};
+use std::{future::Future, net::TcpListener, pin::Pin, sync::Arc, time::Duration};
 
 use actix_web::{dev::Server, web, App, HttpResponse, HttpServer};
 use anyhow::Context;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::health::Health;
 
 type ReadyFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
 
@@ -29,11 +37,19 @@ impl ReadyCheck {
     }
 }
 
+/// What `/healthz` watches: the process's heartbeats and how long one may be silent.
+#[derive(Clone)]
+pub struct LiveCheck {
+    pub health: Health,
+    pub stall: Duration,
+}
+
 /// Shared state of the operator endpoints.
 #[derive(Clone)]
 pub struct OpsState {
     pub registry: Registry,
     pub ready: ReadyCheck,
+    pub live: LiveCheck,
 }
 
 /// Adds the three operator routes to an actix app.
@@ -46,8 +62,23 @@ pub fn configure(state: OpsState) -> impl FnOnce(&mut web::ServiceConfig) {
     }
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+async fn healthz(state: web::Data<OpsState>) -> HttpResponse {
+    let stalled = state.live.health.stalled(state.live.stall);
+    if stalled.is_empty() {
+        return HttpResponse::Ok().json(serde_json::json!({"status": "ok"}));
+    }
+    let names: Vec<String> = stalled
+        .iter()
+        .map(|(name, silent)| format!("{name} ({}s)", silent.as_secs()))
+        .collect();
+    warn!(stalled = %names.join(", "), "a work loop is stalled; answering /healthz 503");
+    HttpResponse::ServiceUnavailable().json(serde_json::json!({
+        "error": {
+            "message": format!("Stalled for longer than {}s: {}", state.live.stall.as_secs(), names.join(", ")),
+            "type": "service_unavailable",
+            "code": "stalled"
+        }
+    }))
 }
 
 async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
@@ -56,7 +87,7 @@ async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({
             "error": {
-                "message": "A dependency (RabbitMQ or PostgreSQL) is not reachable",
+                "message": "A dependency this service needs is not reachable",
                 "type": "service_unavailable",
                 "code": "service_unavailable"
             }

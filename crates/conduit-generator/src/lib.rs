@@ -17,7 +17,7 @@ use std::{sync::Arc, time::Duration};
 use actix_web::dev::{Server, ServerHandle};
 use anyhow::Context;
 use conduit_core::{
-    ops::{self, OpsState, ReadyCheck},
+    ops::{self, LiveCheck, OpsState, ReadyCheck},
     storage::VideoStore,
     topology::route,
     Broker, ConsumeLimits, Disposition, Service, Settings, Source,
@@ -68,6 +68,10 @@ impl App {
                 let broker = ready_broker.clone();
                 async move { broker.is_ready() }
             }),
+            live: LiveCheck {
+                health: broker.health().clone(),
+                stall: settings.stall_grace(),
+            },
         };
         let (server, port) = ops::serve(&settings.http.bind, state, Service::Generator.name())?;
         let worker = Worker {

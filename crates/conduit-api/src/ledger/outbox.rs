@@ -61,6 +61,10 @@ pub(crate) struct OutboxRelay {
 
 impl OutboxRelay {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
+        // Beats after every pass that published or found nothing to publish; silent
+        // while the broker is unusable or publishing fails, so `/healthz` sees a relay
+        // that stopped publishing.
+        let heartbeat = self.broker.health().heartbeat("outbox relay");
         let mut backoff = Duration::from_millis(100);
         let mut last_gauge = tokio::time::Instant::now() - GAUGE_EVERY;
         loop {
@@ -75,6 +79,10 @@ impl OutboxRelay {
             } else {
                 Ok(0)
             };
+            let ready = outcome.is_ok() && self.broker.is_ready();
+            if ready {
+                heartbeat.beat();
+            }
             let pause = match outcome {
                 Ok(n) if n as i64 >= BATCH => Duration::ZERO,
                 Ok(_) => {
@@ -91,6 +99,7 @@ impl OutboxRelay {
             };
             if pause.is_zero() {
                 if shutdown.is_cancelled() {
+                    heartbeat.retire();
                     return;
                 }
                 continue;
@@ -98,7 +107,10 @@ impl OutboxRelay {
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(pause) => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    heartbeat.retire();
+                    return;
+                }
             }
         }
     }
