@@ -166,6 +166,35 @@ fn task(receiver: &Receiver, label: &str, frames: u32) -> serde_json::Value {
     })
 }
 
+/// Submits with a fresh connection each time and retries a request that failed in
+/// transport with the same `Idempotency-Key`, so the task exists exactly once.
+async fn submit(stack: &Stack, body: &serde_json::Value) -> String {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client");
+    let key = uuid::Uuid::new_v4().to_string();
+    for _ in 0..5 {
+        let sent = client
+            .post(stack.api_url("/v1/videos/generations/async"))
+            .bearer_auth(&stack.key)
+            .header("Idempotency-Key", &key)
+            .json(body)
+            .send()
+            .await;
+        let Ok(r) = sent else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let status = r.status().as_u16();
+        let json: serde_json::Value = r.json().await.unwrap_or_default();
+        assert_eq!(status, 202, "submit answered {status}: {json}");
+        return json["task_id"].as_str().expect("task_id").to_owned();
+    }
+    panic!("the API did not take a submit in 5 tries");
+}
+
 fn terminal_for(receiver: &Receiver, task: &str) -> bool {
     receiver.received().iter().any(|h| {
         let b = h.json();
@@ -201,21 +230,18 @@ async fn twenty_rabbitmq_restarts_under_load_leave_every_service_consuming() {
         // Load: renders in progress, webhooks in flight, a receiver that never answers.
         for i in 0..6 {
             let receiver = if i == 0 { &slow } else { &fine };
-            let id = stack
-                .submit_ok(&task(receiver, &format!("{round}.{i}"), 2 + (i % 3)))
+            let id = submit(&stack, &task(receiver, &format!("{round}.{i}"), 2 + (i % 3)))
                 .await;
             tasks.push(id);
         }
-        stack
-            .submit_ok(&task(&hanging, &format!("{round}.hang"), 1))
+        submit(&stack, &task(&hanging, &format!("{round}.hang"), 1))
             .await;
         tokio::time::sleep(Duration::from_millis(700)).await;
         rabbit.stop_app();
         // The outbox takes submits while the broker is away.
         for i in 0..3 {
             tasks.push(
-                stack
-                    .submit_ok(&task(&fine, &format!("{round}.outage.{i}"), 1))
+                submit(&stack, &task(&fine, &format!("{round}.outage.{i}"), 1))
                     .await,
             );
         }
@@ -233,8 +259,7 @@ async fn twenty_rabbitmq_restarts_under_load_leave_every_service_consuming() {
         }
         // Consuming, not only connected: a probe task crosses the relay, the generator
         // and the sender within the same 30 s.
-        let probe = stack
-            .submit_ok(&task(&fine, &format!("{round}.probe"), 1))
+        let probe = submit(&stack, &task(&fine, &format!("{round}.probe"), 1))
             .await;
         let left = RECOVERY.saturating_sub(back.elapsed());
         eventually(
