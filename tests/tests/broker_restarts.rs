@@ -144,9 +144,16 @@ async fn stack_on(rabbit: &PrivateRabbit, extra: &[(&str, &str)]) -> Stack {
     let mut env = vec![
         ("CONDUIT__AMQP__URL".to_owned(), rabbit.url()),
         // A hanging receiver times out quickly, so its retries are in flight throughout.
-        ("CONDUIT__WEBHOOKS__TIMEOUT_SECONDS".to_owned(), "2".to_owned()),
+        (
+            "CONDUIT__WEBHOOKS__TIMEOUT_SECONDS".to_owned(),
+            "2".to_owned(),
+        ),
     ];
-    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    env.extend(
+        extra
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     Stack::start_with(StackOptions {
         env,
         ..Default::default()
@@ -230,20 +237,19 @@ async fn twenty_rabbitmq_restarts_under_load_leave_every_service_consuming() {
         // Load: renders in progress, webhooks in flight, a receiver that never answers.
         for i in 0..6 {
             let receiver = if i == 0 { &slow } else { &fine };
-            let id = submit(&stack, &task(receiver, &format!("{round}.{i}"), 2 + (i % 3)))
-                .await;
+            let id = submit(
+                &stack,
+                &task(receiver, &format!("{round}.{i}"), 2 + (i % 3)),
+            )
+            .await;
             tasks.push(id);
         }
-        submit(&stack, &task(&hanging, &format!("{round}.hang"), 1))
-            .await;
+        submit(&stack, &task(&hanging, &format!("{round}.hang"), 1)).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
         rabbit.stop_app();
         // The outbox takes submits while the broker is away.
         for i in 0..3 {
-            tasks.push(
-                submit(&stack, &task(&fine, &format!("{round}.outage.{i}"), 1))
-                    .await,
-            );
+            tasks.push(submit(&stack, &task(&fine, &format!("{round}.outage.{i}"), 1)).await);
         }
         tokio::time::sleep(Duration::from_secs(3)).await;
         rabbit.start_app();
@@ -259,8 +265,7 @@ async fn twenty_rabbitmq_restarts_under_load_leave_every_service_consuming() {
         }
         // Consuming, not only connected: a probe task crosses the relay, the generator
         // and the sender within the same 30 s.
-        let probe = submit(&stack, &task(&fine, &format!("{round}.probe"), 1))
-            .await;
+        let probe = submit(&stack, &task(&fine, &format!("{round}.probe"), 1)).await;
         let left = RECOVERY.saturating_sub(back.elapsed());
         eventually(
             &format!("round {round}: the probe task's terminal webhook"),
@@ -319,11 +324,9 @@ async fn a_consumer_gone_longer_than_the_grace_turns_healthz_503() {
         // Within the grace plus a heartbeat tick and the probe's own latency, and not
         // before the grace minus the tick (the last beat came up to a tick before).
         let left = (STALL + Duration::from_secs(3)).saturating_sub(gone.elapsed());
-        eventually(
-            &format!("{} /healthz 503", proc.url("")),
-            left,
-            || async { (status_of(proc, "/healthz").await == Some(503)).then_some(()) },
-        )
+        eventually(&format!("{} /healthz 503", proc.url("")), left, || async {
+            (status_of(proc, "/healthz").await == Some(503)).then_some(())
+        })
         .await;
         assert!(
             gone.elapsed() >= STALL - Duration::from_millis(1500),

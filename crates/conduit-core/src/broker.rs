@@ -749,10 +749,12 @@ async fn settle_loop(
             };
             if let Some(last) = covered.last() {
                 let multiple = covered.len() > 1;
-                let result =
-                    tokio::time::timeout(SETTLE_TIMEOUT, last.acker.ack(BasicAckOptions { multiple }))
-                        .await
-                        .unwrap_or_else(|_| Ok(false));
+                let result = tokio::time::timeout(
+                    SETTLE_TIMEOUT,
+                    last.acker.ack(BasicAckOptions { multiple }),
+                )
+                .await
+                .unwrap_or_else(|_| Ok(false));
                 report_settle(result, Disposition::Ack);
             }
             let mut outstanding = lock(&outstanding);
@@ -799,15 +801,15 @@ async fn settle_each(
 async fn settle_one(acker: &lapin::Acker, disposition: Disposition) {
     let settle = async {
         match disposition {
-        Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
-        }
+            Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
+            Disposition::Requeue => {
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
             Disposition::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
         }
     };

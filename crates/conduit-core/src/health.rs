@@ -88,7 +88,8 @@ impl Health {
             .iter()
             .filter(|b| !b.retired.load(Ordering::Relaxed))
             .filter_map(|b| {
-                let silent = Duration::from_millis(now.saturating_sub(b.last.load(Ordering::Relaxed)));
+                let silent =
+                    Duration::from_millis(now.saturating_sub(b.last.load(Ordering::Relaxed)));
                 (silent > grace).then(|| (b.name.clone(), silent))
             })
             .collect()
@@ -97,8 +98,7 @@ impl Health {
 
 impl Heartbeat {
     pub fn beat(&self) {
-        self.last
-            .store(millis_since(self.epoch), Ordering::Relaxed);
+        self.last.store(millis_since(self.epoch), Ordering::Relaxed);
     }
 
     /// The loop ended on purpose (shutdown): it no longer counts.
