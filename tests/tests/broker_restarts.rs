@@ -58,7 +58,16 @@ impl PrivateRabbit {
             .status()
             .expect("run rabbitmq-server");
         assert!(status.success(), "rabbitmq-server -detached failed");
-        rabbit.ctl(&["await_startup", "--timeout", "120"]);
+        // The detached node registers with epmd a moment after the command returns;
+        // until then `await_startup` fails at once with "not running".
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while let Err(err) = rabbit.try_ctl(&["await_startup", "--timeout", "120"]) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private RabbitMQ node did not start: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
         rabbit
     }
 
@@ -100,14 +109,29 @@ impl PrivateRabbit {
     }
 
     fn ctl(&self, args: &[&str]) {
-        let status = self
+        if let Err(err) = self.try_ctl(args) {
+            panic!("{err}");
+        }
+    }
+
+    fn try_ctl(&self, args: &[&str]) -> Result<(), String> {
+        let out = self
             .command("rabbitmqctl")
             .arg("-n")
             .arg(&self.node)
             .args(args)
-            .status()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
             .expect("run rabbitmqctl");
-        assert!(status.success(), "rabbitmqctl {args:?} failed");
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "rabbitmqctl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
     }
 
     fn stop_app(&self) {
