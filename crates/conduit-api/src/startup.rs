@@ -221,9 +221,7 @@ fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
     let state = state.clone();
     ReadyCheck::new(move || {
         let state = state.clone();
-        async move {
-            state.ledger.reachable(Duration::from_secs(2)).await
-        }
+        async move { state.ledger.reachable(Duration::from_secs(2)).await }
     })
 }
 
