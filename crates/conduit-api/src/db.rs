@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook retry, batch and secret rotation",
         include_str!("../migrations/0005_webhook_retry_batch_rotation.sql"),
     ),
+    (
+        6,
+        "outbox traceparent",
+        include_str!("../migrations/0006_outbox_traceparent.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

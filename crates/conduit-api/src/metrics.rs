@@ -93,6 +93,7 @@ impl Metrics {
         registry.register(Box::new(outbox_publish_failures.clone()))?;
         registry.register(Box::new(ledger_events.clone()))?;
         registry.register(Box::new(webhook_outcomes.clone()))?;
+        conduit_core::ops::register_process_metrics(&registry)?;
         Ok(Self {
             registry,
             http_requests,

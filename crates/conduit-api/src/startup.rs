@@ -18,7 +18,7 @@ use conduit_core::{
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::{
     consumers::{self, Consumers},
@@ -225,6 +225,26 @@ fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
     })
 }
 
+/// The server span of one request, continuing the caller's W3C `traceparent`.
+fn request_span(req: &actix_web::dev::ServiceRequest) -> tracing::Span {
+    let route = req.match_pattern().unwrap_or_else(|| req.path().to_owned());
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = %format!("{} {route}", req.method()),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let traceparent = req
+        .headers()
+        .get(conduit_core::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    conduit_core::telemetry::continue_trace(&span, traceparent);
+    span
+}
+
 /// A resource whose unsupported methods answer 405 in the JSON error shape.
 fn resource(path: &str) -> actix_web::Resource {
     web::resource(path).default_service(web::to(routes::method_not_allowed))
@@ -271,7 +291,11 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                 let started = std::time::Instant::now();
                 let method = req.method().to_string();
                 let metrics = metrics.clone();
-                srv.call(req).map(move |res| {
+                let span = request_span(&req);
+                srv.call(req).instrument(span.clone()).map(move |res| {
+                    if let Ok(res) = &res {
+                        span.record("http.response.status_code", res.status().as_u16());
+                    }
                     if let Ok(res) = &res {
                         let route = res
                             .request()
@@ -295,6 +319,7 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
             })
             .configure(ops::configure(ops_state.clone()))
             .service(resource("/openapi.json").route(web::get().to(openapi::serve)))
+            .service(resource("/docs").route(web::get().to(openapi::reference)))
             .service(resource("/v1/videos/generations/async").route(web::post().to(routes::submit)))
             .service(
                 resource("/v1/videos/generations/tasks").route(web::get().to(routes::list_tasks)),

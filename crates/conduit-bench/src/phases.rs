@@ -220,6 +220,7 @@ fn job() -> Outgoing {
             body: Vec::new(),
             task_id: None,
             message_id: None,
+            traceparent: None,
         })
 }
 
@@ -670,6 +671,7 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
             body: Vec::new(),
             task_id: None,
             message_id: None,
+            traceparent: None,
         });
     (webhook_id, out)
 }

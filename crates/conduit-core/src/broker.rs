@@ -97,9 +97,12 @@ pub enum Target {
 pub struct Outgoing {
     pub target: Target,
     pub body: Vec<u8>,
-    /// Carried as the W3C `traceparent` header so one trace follows a task.
     pub task_id: Option<Uuid>,
     pub message_id: Option<String>,
+    /// W3C trace context carried in the `traceparent` header, so the consumer's spans
+    /// continue the producer's trace. Taken from the current span when the message is
+    /// made (tracing on only); the outbox keeps it with the row.
+    pub traceparent: Option<String>,
 }
 
 impl Outgoing {
@@ -110,6 +113,7 @@ impl Outgoing {
             body: serde_json::to_vec(message).context("serialising message")?,
             task_id: None,
             message_id: None,
+            traceparent: crate::telemetry::current_traceparent(),
         })
     }
 
@@ -120,6 +124,7 @@ impl Outgoing {
             body: serde_json::to_vec(message).context("serialising control message")?,
             task_id: None,
             message_id: None,
+            traceparent: crate::telemetry::current_traceparent(),
         })
     }
 
@@ -483,7 +488,8 @@ impl Broker {
                 broken_since = None;
                 let mut delivery = delivery;
                 let incoming = incoming(&mut delivery);
-                let span = tracing::info_span!("delivery", queue = %label, traceparent = incoming.traceparent.as_deref().unwrap_or(""));
+                let span = tracing::info_span!("delivery", otel.name = %format!("{label} process"), otel.kind = "consumer", queue = %label, trace_id = tracing::field::Empty);
+                crate::telemetry::continue_trace(&span, incoming.traceparent.as_deref());
                 let handler = handler.clone();
                 let token = shutdown.child_token();
                 // lapin closes a channel when its last handle goes, which hands every
@@ -893,23 +899,16 @@ fn as_u32(v: &AMQPValue) -> Option<u32> {
     u32::try_from(n).ok()
 }
 
-/// W3C trace context whose trace id is the task id, so every service's spans of one
-/// task share a trace without a tracing backend having to propagate anything.
-pub fn traceparent_for(task_id: Uuid) -> String {
-    let span: u64 = rand::random();
-    format!("00-{}-{span:016x}-01", task_id.simple())
-}
-
 fn properties(m: &Outgoing) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         "schema-version".into(),
         AMQPValue::LongInt(crate::messages::SCHEMA_VERSION.into()),
     );
-    if let Some(task_id) = m.task_id {
+    if let Some(traceparent) = &m.traceparent {
         headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(traceparent_for(task_id).into()),
+            crate::telemetry::TRACEPARENT.into(),
+            AMQPValue::LongString(traceparent.as_str().into()),
         );
     }
     let mut props = BasicProperties::default()
@@ -1137,13 +1136,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traceparent_carries_the_task_id() {
-        let id = Uuid::new_v4();
-        let tp = traceparent_for(id);
-        let parts: Vec<_> = tp.split('-').collect();
-        assert_eq!(parts.len(), 4);
-        assert_eq!(parts[1], id.simple().to_string());
-        assert_eq!(parts[2].len(), 16);
+    fn the_traceparent_header_is_the_message_s_own() {
+        let mut m = Outgoing::json("jobs", &serde_json::json!({})).expect("serialises");
+        assert!(properties(&m).headers().as_ref().and_then(|h| h.inner().get("traceparent")).is_none());
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        m.traceparent = Some(tp.to_owned());
+        let props = properties(&m);
+        let header = props.headers().as_ref().and_then(|h| h.inner().get("traceparent"));
+        assert!(matches!(header, Some(AMQPValue::LongString(s)) if s.to_string() == tp));
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct Settings {
     pub models: BTreeMap<String, ModelSettings>,
     pub log: LogSettings,
     pub health: HealthSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,6 +84,15 @@ pub struct HealthSettings {
     /// How long a consumer or the outbox relay may be stalled (gone, not merely idle)
     /// before `/healthz` answers 503.
     pub stall_seconds: u64,
+}
+
+/// Where traces go. Unset (the default), no exporter runs and spans only feed the logs.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP base URL (`http://otel-collector:4318`); traces go to `/v1/traces`
+    /// below it. `OTEL_EXPORTER_OTLP_ENDPOINT` is used when this is unset.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -52,14 +52,70 @@ pub struct OpsState {
     pub live: LiveCheck,
 }
 
-/// Adds the three operator routes to an actix app.
+/// Adds the three operator routes to an actix app. Each answers `GET` (and `HEAD`);
+/// any other method gets 405 with an `Allow` header.
 pub fn configure(state: OpsState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::new(state))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics));
+            .service(ops_resource("/healthz").to(healthz))
+            .service(ops_resource("/readyz").to(readyz))
+            .service(ops_resource("/metrics").to(metrics));
     }
+}
+
+/// `GET`/`HEAD` on `path`, 405 for every other method.
+fn ops_resource(path: &str) -> OpsResource {
+    OpsResource(path.to_owned())
+}
+
+struct OpsResource(String);
+
+impl OpsResource {
+    fn to<F, Args>(self, handler: F) -> actix_web::Resource
+    where
+        F: actix_web::Handler<Args>,
+        Args: actix_web::FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        web::resource(self.0)
+            .route(
+                web::route()
+                    .guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
+                    .to(handler),
+            )
+            .default_service(web::to(|| async { method_not_allowed("GET, HEAD") }))
+    }
+}
+
+/// 405 in the services' JSON error shape, with the `Allow` header RFC 9110 requires.
+pub fn method_not_allowed(allow: &str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((actix_web::http::header::ALLOW, allow.to_owned()))
+        .json(serde_json::json!({
+            "error": {
+                "message": "Method not allowed",
+                "type": "invalid_request_error",
+                "code": "method_not_allowed"
+            }
+        }))
+}
+
+/// Adds the process metrics (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+/// `process_open_fds`, `process_max_fds`, `process_virtual_memory_bytes`,
+/// `process_start_time_seconds`, `process_threads`) to `registry` (Linux only; a no-op
+/// elsewhere).
+pub fn register_process_metrics(registry: &Registry) -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering process metrics")?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
+    Ok(())
+}
+
 }
 
 async fn healthz(state: web::Data<OpsState>) -> HttpResponse {

@@ -54,6 +54,7 @@ impl App {
         providers: Providers,
     ) -> anyhow::Result<App> {
         let metrics = metrics::Metrics::new().context("creating metrics")?;
+        metrics.init_providers(providers.names());
         let store = VideoStore::from_url(&settings.storage.url).context("opening video storage")?;
         let broker_stop = CancellationToken::new();
         let broker = Broker::start(

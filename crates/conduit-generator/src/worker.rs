@@ -129,6 +129,8 @@ impl Worker {
         }
         let span = tracing::info_span!(
             "job",
+            otel.name = "generate",
+            provider = %self.providers.name_for(&job),
             task_id = %job.task_id,
             attempt = job.attempt,
             model = %job.model,
@@ -166,6 +168,13 @@ impl Worker {
         };
         let _in_flight = InFlight::new(&self.metrics.jobs_in_flight);
         let events = Events::new(self.broker.clone(), &job);
+        let provider = self.providers.name_for(&job);
+        let finished = |outcome: &str| {
+            self.metrics
+                .tasks_finished
+                .with_label_values(&[job.model.as_str(), provider.as_str(), outcome])
+                .inc();
+        };
 
         if delivery_count >= self.max_attempts {
             warn!("job delivered too often; failing the task");
@@ -173,6 +182,7 @@ impl Worker {
                 .jobs_failed
                 .with_label_values(&["interrupted"])
                 .inc();
+            finished("failed");
             let error = format!(
                 "Video generation was interrupted {delivery_count} times (worker lost); giving up"
             );
@@ -198,6 +208,7 @@ impl Worker {
             if registration.cancelled_by_user() {
                 info!("generation stopped: cancelled by the user");
                 self.metrics.jobs_cancelled.inc();
+                finished("cancelled");
                 return Disposition::Ack;
             }
             if shutdown.is_cancelled() {
@@ -217,7 +228,11 @@ impl Worker {
                 match self.store.put(&key, video.bytes).await {
                     Ok(()) => {
                         self.metrics.jobs_completed.inc();
-                        self.metrics.generation_seconds.observe(elapsed);
+                        self.metrics
+                            .generation_seconds
+                            .with_label_values(&[job.model.as_str(), provider.as_str()])
+                            .observe(elapsed);
+                        finished("completed");
                         info!(video_key = %key, seconds = elapsed, made_by = %made_by, "video generated");
                         StatusKind::Completed {
                             video_key: key,
@@ -232,6 +247,7 @@ impl Worker {
                             .jobs_failed
                             .with_label_values(&["storage"])
                             .inc();
+                        finished("failed");
                         StatusKind::Failed {
                             error: "Video generation succeeded but storing the video failed".into(),
                         }
@@ -244,6 +260,7 @@ impl Worker {
                     .jobs_failed
                     .with_label_values(&["timeout"])
                     .inc();
+                finished("timed_out");
                 StatusKind::Failed {
                     error: format!(
                         "Video generation timed out after {} seconds",
@@ -253,6 +270,7 @@ impl Worker {
             }
             Outcome::Finished(Err(GenerationError::Cancelled)) | Outcome::Stopped => {
                 self.metrics.jobs_failed.with_label_values(&["error"]).inc();
+                finished("failed");
                 StatusKind::Failed {
                     error: "Video generation was stopped unexpectedly".into(),
                 }
@@ -262,6 +280,13 @@ impl Worker {
             )) => {
                 warn!(%error, "generation failed");
                 self.metrics.jobs_failed.with_label_values(&["error"]).inc();
+                if provider != "local" {
+                    self.metrics
+                        .provider_errors
+                        .with_label_values(&[provider.as_str(), crate::metrics::error_kind(&error)])
+                        .inc();
+                }
+                finished("failed");
                 StatusKind::Failed { error }
             }
         };
@@ -287,7 +312,14 @@ impl Worker {
                 Ok(provider) => provider,
                 Err(error) => return (Err(GenerationError::Failed(error)), current.model),
             };
-            match provider.generate(&current, ctx.clone()).await {
+            let name = self.providers.name_for(&current);
+            // The render (local) or the provider's submit, polls and download.
+            let call_span = if name == "local" {
+                tracing::info_span!("render", otel.name = "render", provider = %name, width = current.spec.width, height = current.spec.height)
+            } else {
+                tracing::info_span!("provider call", otel.name = %format!("{name} generate"), otel.kind = "client", provider = %name, model = %current.model)
+            };
+            match provider.generate(&current, ctx.clone()).instrument(call_span).await {
                 Err(GenerationError::Unavailable(why)) => {
                     let Some(next) = fallbacks.next() else {
                         return (Err(GenerationError::Unavailable(why)), current.model);
@@ -403,6 +435,7 @@ impl Worker {
         match copy {
             Ok(message) => match self.broker.publish(message).await {
                 Ok(()) => {
+                    self.metrics.jobs_handed_back.inc();
                     info!("shutting down; job handed back to the queue");
                     Disposition::Ack
                 }

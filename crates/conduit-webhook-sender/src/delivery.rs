@@ -358,8 +358,16 @@ impl Deliverer {
             .headers(headers)
             .body(body.to_owned())
             .send();
+        let span = tracing::info_span!(
+            "webhook attempt",
+            otel.name = "webhook POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+            server.address = %d.url.split('/').nth(2).unwrap_or_default(),
+        );
         let response = tokio::select! {
-            r = exchange(request) => r,
+            r = exchange(request).instrument(span.clone()) => r,
             () = async {
                 shutdown.cancelled().await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -368,6 +376,9 @@ impl Deliverer {
                 return None;
             }
         };
+        if let Response::Answered { status, .. } = &response {
+            span.record("http.response.status_code", *status);
+        }
         Some(Attempt {
             attempted_at,
             duration: started.elapsed(),
@@ -380,6 +391,12 @@ impl Deliverer {
     fn decide(&self, d: &WebhookDelivery, a: &Attempt) -> (AttemptOutcome, Option<Outgoing>) {
         let (status, error, retry_after, label) = classify(&a.response);
         self.metrics.attempts.with_label_values(&[label]).inc();
+        if !matches!(a.response, Response::Unsendable { .. }) {
+            self.metrics
+                .attempt_duration
+                .with_label_values(&[label])
+                .observe(a.duration.as_secs_f64());
+        }
         let made = d.attempts_made.saturating_add(1);
         let (state, next_at, follow_up) = match label {
             outcome::DELIVERED => {
@@ -551,6 +568,7 @@ impl Deliverer {
             body,
             task_id: None,
             message_id: None,
+            traceparent: None,
         };
         match self.publish_all(&[message]).await {
             Disposition::Ack => Disposition::Ack,

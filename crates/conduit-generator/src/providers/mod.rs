@@ -190,6 +190,23 @@ impl Providers {
     }
 
     /// The provider of `job`, or the user-facing reason it cannot run here.
+    /// The names of the providers this generator runs.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// The provider name `job` runs on, for metrics and spans (`unknown` if none).
+    pub fn name_for(&self, job: &JobMessage) -> String {
+        if job.provider.is_empty() {
+            self.models
+                .get(&job.model)
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned())
+        } else {
+            job.provider.clone()
+        }
+    }
+
     pub fn resolve(&self, job: &JobMessage) -> Result<Arc<dyn Provider>, String> {
         let name = if job.provider.is_empty() {
             self.models.get(&job.model).cloned().ok_or_else(|| {
