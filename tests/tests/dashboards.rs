@@ -55,11 +55,16 @@ fn metrics_in(expr: &str) -> BTreeSet<String> {
         }
         if c.is_ascii_alphabetic() || c == '_' {
             let start = i;
-            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':') {
+            while i < chars.len()
+                && (chars[i].is_ascii_alphanumeric() || chars[i] == '_' || chars[i] == ':')
+            {
                 i += 1;
             }
             let word: String = chars[start..i].iter().collect();
-            if ["conduit_", "process_", "rabbitmq_"].iter().any(|p| word.starts_with(p)) {
+            if ["conduit_", "process_", "rabbitmq_"]
+                .iter()
+                .any(|p| word.starts_with(p))
+            {
                 let base = ["_bucket", "_sum", "_count"]
                     .iter()
                     .find_map(|s| word.strip_suffix(s).filter(|b| !b.ends_with("_total")))
@@ -76,7 +81,10 @@ fn metrics_in(expr: &str) -> BTreeSet<String> {
 
 fn check_known(exprs: &[String], what: &str) {
     let documented = documented();
-    assert!(documented.len() > 20, "metric table not found in operations.md");
+    assert!(
+        documented.len() > 20,
+        "metric table not found in operations.md"
+    );
     let mut seen = BTreeSet::new();
     for expr in exprs {
         for name in metrics_in(expr) {
@@ -87,7 +95,10 @@ fn check_known(exprs: &[String], what: &str) {
             seen.insert(name);
         }
     }
-    assert!(seen.len() >= 5, "{what} refers to too few metrics: {seen:?}");
+    assert!(
+        seen.len() >= 5,
+        "{what} refers to too few metrics: {seen:?}"
+    );
 }
 
 #[test]
@@ -122,7 +133,10 @@ fn alert_rules_pass_promtool_and_use_served_metrics() {
         "ConduitOutboxLag",
         "ConduitProviderErrorBurst",
     ] {
-        assert!(alerts.contains(wanted), "alert {wanted} missing: {alerts:?}");
+        assert!(
+            alerts.contains(wanted),
+            "alert {wanted} missing: {alerts:?}"
+        );
     }
     check_known(&exprs, "an alert rule");
 }
@@ -131,13 +145,17 @@ fn alert_rules_pass_promtool_and_use_served_metrics() {
 fn dashboard_is_valid_json_and_uses_served_metrics() {
     let path = root().join("deploy/observability/conduit-dashboard.json");
     let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard")).expect("dashboard is JSON");
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard"))
+            .expect("dashboard is JSON");
     assert!(dashboard["title"].is_string() && dashboard["uid"].is_string());
     let panels = dashboard["panels"].as_array().expect("panels");
     let mut exprs = Vec::new();
     let mut ids = BTreeSet::new();
     for panel in panels {
-        assert!(ids.insert(panel["id"].as_u64().expect("panel id")), "duplicate panel id");
+        assert!(
+            ids.insert(panel["id"].as_u64().expect("panel id")),
+            "duplicate panel id"
+        );
         if panel["type"] == "row" {
             continue;
         }
@@ -167,9 +185,12 @@ fn metric_names_are_read_from_expressions() {
     let names = metrics_in(
         r#"histogram_quantile(0.5, sum by (le) (rate(conduit_webhook_attempt_duration_seconds_bucket{job=~"a|conduit_x"}[5m]))) / process_open_fds"#,
     );
-    let want: BTreeSet<String> = ["conduit_webhook_attempt_duration_seconds", "process_open_fds"]
-        .into_iter()
-        .map(str::to_owned)
-        .collect();
+    let want: BTreeSet<String> = [
+        "conduit_webhook_attempt_duration_seconds",
+        "process_open_fds",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
     assert_eq!(names, want);
 }

@@ -76,10 +76,7 @@ impl Collector {
     }
 }
 
-async fn export(
-    spans: web::Data<Arc<Mutex<Vec<SpanRecord>>>>,
-    body: web::Bytes,
-) -> HttpResponse {
+async fn export(spans: web::Data<Arc<Mutex<Vec<SpanRecord>>>>, body: web::Bytes) -> HttpResponse {
     let Ok(request) = ExportTraceServiceRequest::decode(body.as_ref()) else {
         return HttpResponse::BadRequest().finish();
     };
@@ -135,6 +132,11 @@ async fn one_task_is_one_trace_across_the_three_services() {
             ),
             // Export within a fraction of a second rather than every 5 s.
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+            // The sender logs a delivery at debug level.
+            (
+                "RUST_LOG".into(),
+                "info,conduit_webhook_sender=debug".into(),
+            ),
         ],
         ..StackOptions::default()
     })
@@ -186,7 +188,9 @@ async fn one_task_is_one_trace_across_the_three_services() {
             .iter()
             .all(|s| services.contains(s))
             && ["render", "webhook POST"].iter().all(|n| names.contains(n))
-            && names.iter().any(|n| n.ends_with(".webhook-outcomes process"));
+            && names
+                .iter()
+                .any(|n| n.ends_with(".webhook-outcomes process"));
         (complete && linked).then_some(spans)
     })
     .await;
@@ -271,7 +275,10 @@ fn documented_metrics() -> BTreeMap<String, BTreeSet<String>> {
             std::slice::from_ref(&service)
         };
         for s in services {
-            table.entry((*s).to_owned()).or_default().insert(name.to_owned());
+            table
+                .entry((*s).to_owned())
+                .or_default()
+                .insert(name.to_owned());
         }
     }
     table
@@ -297,7 +304,10 @@ async fn every_documented_metric_is_served_and_every_served_one_documented() {
     // A provider account, never called, so the provider-error series exist.
     let stack = Stack::start_with(StackOptions {
         env: vec![
-            ("CONDUIT__PROVIDERS__MINIMAX__API_KEY".into(), "unused".into()),
+            (
+                "CONDUIT__PROVIDERS__MINIMAX__API_KEY".into(),
+                "unused".into(),
+            ),
             (
                 "CONDUIT__PROVIDERS__MINIMAX__BASE_URL".into(),
                 "http://127.0.0.1:9".into(),

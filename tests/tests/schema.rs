@@ -47,7 +47,10 @@ async fn schemathesis_finds_nothing() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     stack.stop().await;
-    assert!(out.status.success(), "schemathesis found failures:\n{report}");
+    assert!(
+        out.status.success(),
+        "schemathesis found failures:\n{report}"
+    );
 }
 
 #[tokio::test]
@@ -62,7 +65,11 @@ async fn every_route_answers_unsupported_methods_with_405_and_allow() {
         ("POST", "/docs", "GET"),
         ("GET", "/v1/videos/generations/async", "POST"),
         ("TRACE", "/v1/videos/generations/tasks", "GET"),
-        ("PATCH", &format!("/v1/videos/generations/tasks/{id}"), "GET"),
+        (
+            "PATCH",
+            &format!("/v1/videos/generations/tasks/{id}"),
+            "GET",
+        ),
         ("GET", &format!("/v1/videos/generations/{id}"), "DELETE"),
         ("PUT", "/v1/models", "GET"),
     ];
@@ -84,7 +91,10 @@ async fn every_route_answers_unsupported_methods_with_405_and_allow() {
             "Allow of {method} {path}"
         );
         let body: serde_json::Value = r.json().await.expect("JSON error body");
-        assert_eq!(body["error"]["code"], "method_not_allowed", "{method} {path}");
+        assert_eq!(
+            body["error"]["code"], "method_not_allowed",
+            "{method} {path}"
+        );
     }
     let page = stack
         .http

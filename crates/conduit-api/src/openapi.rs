@@ -242,7 +242,8 @@ fn add_webhooks(doc: &mut serde_json::Value) {
         }
     });
     if let (Some(target), Some(new)) = (
-        doc.pointer_mut("/components/schemas").and_then(|s| s.as_object_mut()),
+        doc.pointer_mut("/components/schemas")
+            .and_then(|s| s.as_object_mut()),
         schemas.as_object(),
     ) {
         target.extend(new.clone());
@@ -348,17 +349,25 @@ mod tests {
         let hooks = doc["webhooks"].as_object().unwrap();
         assert_eq!(hooks.len(), 5);
         for (name, hook) in hooks {
-            let schema = hook["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            let schema = hook["post"]["requestBody"]["content"]["application/json"]["schema"]
+                ["$ref"]
                 .as_str()
                 .unwrap();
             let schema = schema.trim_start_matches("#/components/schemas/");
-            assert!(doc["components"]["schemas"][schema].is_object(), "{name}: {schema}");
+            assert!(
+                doc["components"]["schemas"][schema].is_object(),
+                "{name}: {schema}"
+            );
         }
         // The schemas match what the sender really sends.
         let id = uuid::Uuid::new_v4();
         let now = chrono::Utc::now();
         let progress = serde_json::to_value(conduit_core::payload::ProgressPayload::new(
-            id, now, 40, "Rendering".into(), None,
+            id,
+            now,
+            40,
+            "Rendering".into(),
+            None,
         ))
         .unwrap();
         let required = doc["components"]["schemas"]["ProgressWebhook"]["required"]
@@ -368,7 +377,10 @@ mod tests {
             assert!(progress.get(key.as_str().unwrap()).is_some(), "{key}");
         }
         for key in progress.as_object().unwrap().keys() {
-            assert!(doc["components"]["schemas"]["ProgressWebhook"]["properties"][key].is_object(), "{key}");
+            assert!(
+                doc["components"]["schemas"]["ProgressWebhook"]["properties"][key].is_object(),
+                "{key}"
+            );
         }
     }
 

@@ -227,13 +227,13 @@ fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
 
 /// The server span of one request, continuing the caller's W3C `traceparent`.
 fn request_span(req: &actix_web::dev::ServiceRequest) -> tracing::Span {
-    let route = req.match_pattern().unwrap_or_else(|| req.path().to_owned());
     let span = tracing::info_span!(
         "HTTP request",
-        otel.name = %format!("{} {route}", req.method()),
+        otel.name = %req.method(),
         otel.kind = "server",
         http.request.method = %req.method(),
-        http.route = %route,
+        url.path = %req.path(),
+        http.route = tracing::field::Empty,
         http.response.status_code = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
@@ -295,6 +295,11 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                 srv.call(req).instrument(span.clone()).map(move |res| {
                     if let Ok(res) = &res {
                         span.record("http.response.status_code", res.status().as_u16());
+                        // Routing happens inside: name the span after the matched route.
+                        if let Some(route) = res.request().match_pattern() {
+                            span.record("otel.name", format!("{method} {route}").as_str());
+                            span.record("http.route", route.as_str());
+                        }
                     }
                     if let Ok(res) = &res {
                         let route = res

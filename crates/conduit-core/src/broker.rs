@@ -1138,11 +1138,18 @@ mod tests {
     #[test]
     fn the_traceparent_header_is_the_message_s_own() {
         let mut m = Outgoing::json("jobs", &serde_json::json!({})).expect("serialises");
-        assert!(properties(&m).headers().as_ref().and_then(|h| h.inner().get("traceparent")).is_none());
+        assert!(properties(&m)
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"))
+            .is_none());
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         m.traceparent = Some(tp.to_owned());
         let props = properties(&m);
-        let header = props.headers().as_ref().and_then(|h| h.inner().get("traceparent"));
+        let header = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"));
         assert!(matches!(header, Some(AMQPValue::LongString(s)) if s.to_string() == tp));
     }
 

@@ -80,7 +80,9 @@ impl OpsResource {
         web::resource(self.0)
             .route(
                 web::route()
-                    .guard(actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()))
+                    .guard(
+                        actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()),
+                    )
                     .to(handler),
             )
             .default_service(web::to(|| async { method_not_allowed("GET, HEAD") }))

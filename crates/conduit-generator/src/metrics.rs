@@ -52,9 +52,23 @@ pub fn error_kind(message: &str) -> &'static str {
         "invalid token",
     ]) {
         "auth"
-    } else if any(&["balance", "quota", "insufficient", "billing", "payment", "credit"]) {
+    } else if any(&[
+        "balance",
+        "quota",
+        "insufficient",
+        "billing",
+        "payment",
+        "credit",
+    ]) {
         "balance"
-    } else if any(&["content", "policy", "moderation", "safety", "sensitive", "nsfw"]) {
+    } else if any(&[
+        "content",
+        "policy",
+        "moderation",
+        "safety",
+        "sensitive",
+        "nsfw",
+    ]) {
         "content_policy"
     } else if any(&["timed out", "timeout"]) {
         "timeout"
