@@ -173,9 +173,9 @@ impl Metrics {
         })
     }
 
-    /// Starts the per-provider series at 0 for the providers this process runs.
+    /// Starts the per-provider series at 0 for the remote providers this process runs.
     pub fn init_providers<'a>(&self, providers: impl IntoIterator<Item = &'a str>) {
-        for provider in providers {
+        for provider in providers.into_iter().filter(|p| *p != "local") {
             for kind in ERROR_KINDS {
                 self.provider_errors.with_label_values(&[provider, kind]);
             }
