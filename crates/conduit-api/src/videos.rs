@@ -87,6 +87,7 @@ pub(crate) struct FileQuery {
     responses(
         (status = 200, description = "The whole video", content_type = "video/mp4"),
         (status = 206, description = "The requested range", content_type = "video/mp4"),
+        (status = 400, description = "Malformed query string (a parameter given twice, say)", body = crate::error::ErrorBody),
         (status = 403, description = "Bad signature", body = crate::error::ErrorBody),
         (status = 404, description = "No such video", body = crate::error::ErrorBody),
         (status = 410, description = "The URL expired", body = crate::error::ErrorBody),
