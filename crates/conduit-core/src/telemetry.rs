@@ -107,7 +107,7 @@ fn provider(endpoint: &str, service: Service) -> anyhow::Result<SdkTracerProvide
         .context("building the OTLP span exporter")?;
     // OTEL_SERVICE_NAME (read by the default resource) wins over the binary's name.
     let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").map_or(true, |n| n.trim().is_empty()) {
+    if !std::env::var("OTEL_SERVICE_NAME").is_ok_and(|n| !n.trim().is_empty()) {
         resource = resource.with_service_name(service.name());
     }
     Ok(SdkTracerProvider::builder()
