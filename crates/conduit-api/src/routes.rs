@@ -530,7 +530,6 @@ pub(crate) async fn list_tasks(
     let mut after = None;
     for (name, value) in query.into_inner() {
         match name.as_str() {
-            "status" if value.is_empty() => {}
             "status" => {
                 status = Some(TaskStatus::parse(&value).ok_or_else(|| {
                     FieldError::invalid(
@@ -539,7 +538,6 @@ pub(crate) async fn list_tasks(
                     )
                 })?)
             }
-            "limit" if value.is_empty() => {}
             "limit" => {
                 limit = value
                     .parse::<i64>()
@@ -549,7 +547,6 @@ pub(crate) async fn list_tasks(
                         FieldError::invalid("limit", "limit must be an integer from 1 to 100")
                     })?
             }
-            "after" if value.is_empty() => {}
             "after" => {
                 after = Some(Uuid::parse_str(&value).map_err(|_| {
                     FieldError::invalid("after", "after must be the id of one of your tasks")

@@ -297,7 +297,7 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                         span.record("http.response.status_code", res.status().as_u16());
                         // Routing happens inside: name the span after the matched route.
                         if let Some(route) = res.request().match_pattern() {
-                            span.record("otel.name", format!("{method} {route}").as_str());
+                            conduit_core::telemetry::rename(&span, format!("{method} {route}"));
                             span.record("http.route", route.as_str());
                         }
                     }

@@ -118,8 +118,6 @@ pub fn register_process_metrics(registry: &Registry) -> anyhow::Result<()> {
     Ok(())
 }
 
-}
-
 async fn healthz(state: web::Data<OpsState>) -> HttpResponse {
     let stalled = state.live.health.stalled(state.live.stall);
     if stalled.is_empty() {

@@ -196,3 +196,13 @@ pub fn record_trace_id(span: &Span) {
         span.record("trace_id", tracing::field::display(trace_id));
     }
 }
+
+/// Renames `span` in the exported trace (for example after routing found the route).
+/// Recording `otel.name` is not enough once the span's trace context exists, which
+/// [`continue_trace`] makes happen at once. No-op when tracing is off.
+pub fn rename(span: &Span, name: String) {
+    if !enabled() {
+        return;
+    }
+    span.context().span().update_name(name);
+}

@@ -352,6 +352,7 @@ impl Deliverer {
         let headers = request_headers(custom, id, timestamp, &signature);
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
+        let host = url.host_str().unwrap_or_default().to_owned();
         let request = self
             .http
             .post(url)
@@ -364,7 +365,7 @@ impl Deliverer {
             otel.kind = "client",
             http.request.method = "POST",
             http.response.status_code = tracing::field::Empty,
-            server.address = %d.url.split('/').nth(2).unwrap_or_default(),
+            server.address = %host,
         );
         let response = tokio::select! {
             r = exchange(request).instrument(span.clone()) => r,

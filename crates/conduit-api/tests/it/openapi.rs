@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-const ROUTES: [(&str, &str); 15] = [
+const ROUTES: [(&str, &str); 16] = [
     ("post", "/v1/videos/generations/async"),
     ("get", "/v1/videos/generations/tasks"),
     ("get", "/v1/videos/generations/tasks/{task_id}"),
@@ -20,6 +20,7 @@ const ROUTES: [(&str, &str); 15] = [
     ("get", "/v1/models"),
     ("get", "/v1/videos/files/{task_id}"),
     ("get", "/openapi.json"),
+    ("get", "/docs"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
