@@ -32,6 +32,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "webhook retry, batch and secret rotation",
         include_str!("../migrations/0005_webhook_retry_batch_rotation.sql"),
     ),
+    (
+        7,
+        "one webhook per task in flight",
+        include_str!("../migrations/0007_webhook_order.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.
