@@ -37,6 +37,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "outbox traceparent",
         include_str!("../migrations/0006_outbox_traceparent.sql"),
     ),
+    (
+        7,
+        "one webhook per task in flight",
+        include_str!("../migrations/0007_webhook_order.sql"),
+    ),
 ];
 
 /// Arbitrary constant naming the advisory lock that serialises migrations.

@@ -5,22 +5,12 @@
 //!
 //! # Ordering of a task's webhooks
 //!
-//! A progress webhook is never delivered after its task's terminal webhook was delivered.
-//! Within one process this holds because deliveries of one task are serialised (a keyed
-//! slot per task) and the terminal delivery is remembered ([`FinishedTasks`]) before the
-//! task's slot is released, so a progress webhook that comes later (out of a wait queue,
-//! a requeue, a slow outbox) is dropped instead of sent. The API's ledger never creates a
-//! progress event after a terminal one, so the only progress webhooks that can arrive
-//! late are ones created earlier and delayed on the way.
-//!
-//! Across several sender replicas this is **not** guaranteed: RabbitMQ hands the
-//! progress webhook to one replica and the terminal webhook to another, and plain
-//! RabbitMQ has no cheap per-key routing (that needs the consistent-hash exchange plugin
-//! or a shared lock the stateless sender does not have). The window is the time a
-//! progress webhook spends in flight on one replica while another delivers the terminal
-//! one: an HTTP attempt (at most the timeout), or a short park when its host is busy.
-//! Deployments that need the guarantee strictly run one sender replica (its own
-//! concurrency scales to thousands of deliveries in flight).
+//! The API's ledger hands the sender at most one webhook per task at a time: it releases
+//! a task's next webhook only when this one's final outcome (delivered, failed, dropped)
+//! is recorded. So a task's webhooks reach the receiver in event order whatever the
+//! number of sender replicas, and nothing here depends on it. Within one process a
+//! terminal delivery is also remembered ([`FinishedTasks`]) so a progress webhook that
+//! still turns up later (a redelivery after a crash) is dropped instead of sent.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
