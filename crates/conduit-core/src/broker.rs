@@ -143,6 +143,9 @@ pub enum Source {
     Queue(String),
     /// This process's own exclusive queue on the control fanout.
     Control,
+    /// A stream queue, by routing key, read from its first retained message on every
+    /// (re)open.
+    Stream(String),
 }
 
 /// Limits of one consumer.
@@ -335,7 +338,7 @@ impl Broker {
         let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
         let mut in_flight = JoinSet::new();
         let label = match &source {
-            Source::Queue(r) => self.inner.topology.queue(r),
+            Source::Queue(r) | Source::Stream(r) => self.inner.topology.queue(r),
             Source::Control => self.inner.topology.control_exchange(),
         };
         'session: while !shutdown.is_cancelled() {
@@ -458,7 +461,9 @@ impl Broker {
             .await
             .context("setting prefetch")?;
         let (queue, no_ack) = match source {
-            Source::Queue(route) => (self.inner.topology.queue(route), false),
+            Source::Queue(route) | Source::Stream(route) => {
+                (self.inner.topology.queue(route), false)
+            }
             Source::Control => {
                 // Named here, not by the server: lapin's recovery re-declares every queue
                 // of a channel by name, and the broker refuses a client declaring an
@@ -493,6 +498,13 @@ impl Broker {
                 (name, true)
             }
         };
+        let mut consume_args = FieldTable::default();
+        if matches!(source, Source::Stream(_)) {
+            consume_args.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString("first".into()),
+            );
+        }
         let consumer = channel
             .basic_consume(
                 ShortString::from(queue.as_str()),
@@ -501,7 +513,7 @@ impl Broker {
                     no_ack,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                consume_args,
             )
             .await
             .with_context(|| format!("consuming {queue}"))?;

@@ -332,7 +332,13 @@ impl Deliverer {
         keys: &[SigningKey],
         shutdown: &CancellationToken,
     ) -> Option<Attempt> {
-        self.post(url, &d.headers, &d.webhook_id, keys, &d.body, shutdown)
+        // A `video_url` in the body is signed afresh, so it lives for the URL lifetime
+        // from this attempt on however late the attempt is.
+        let body = match &d.video_link {
+            Some(link) => link.refresh(&d.body, d.task_id, now_millis()),
+            None => d.body.clone(),
+        };
+        self.post(url, &d.headers, &d.webhook_id, keys, &body, shutdown)
             .await
     }
 
@@ -831,6 +837,7 @@ mod tests {
             retry: None,
             batch: None,
             previous_secret: None,
+            video_link: None,
         }
     }
 

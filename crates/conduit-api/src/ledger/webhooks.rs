@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use conduit_core::{
-    messages::{AttemptOutcome, WebhookDelivery, SCHEMA_VERSION},
+    messages::{AttemptOutcome, VideoLinkSigner, WebhookDelivery, SCHEMA_VERSION},
     payload::{WebhookEvent, WebhookPayload},
     time::now_millis,
     topology::route,
@@ -22,6 +22,7 @@ use super::{
     task::TaskRow,
     LedgerError,
 };
+use crate::links::VideoLinks;
 
 /// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
 fn new_webhook_id() -> String {
@@ -42,6 +43,7 @@ pub(super) async fn record_event(
     secrets: &KeySecrets,
     payload: &WebhookPayload,
     occurred_at: DateTime<Utc>,
+    video_link: Option<VideoLinkSigner>,
 ) -> anyhow::Result<String> {
     let url = task
         .webhook_url
@@ -62,6 +64,7 @@ pub(super) async fn record_event(
         retry: task.webhook_retry.clone(),
         batch: task.webhook_batch,
         previous_secret: secrets.previous.clone(),
+        video_link,
     };
     let stmt = client
         .prepare_cached(
@@ -178,6 +181,7 @@ pub(super) async fn delivery_log(
 /// Sends the task's latest terminal webhook again: same `webhook-id`, fresh schedule.
 pub(super) async fn redeliver(
     pool: &Pool,
+    links: &VideoLinks,
     key_id: Uuid,
     task_id: Uuid,
 ) -> Result<Redelivered, LedgerError> {
@@ -211,6 +215,13 @@ pub(super) async fn redeliver(
     let event = WebhookEvent::parse(&event_name)
         .with_context(|| format!("unknown webhook event {event_name:?} in the database"))?;
     let headers: serde_json::Value = row.get(4);
+    let body: String = row.get(2);
+    // A completed event's link is signed afresh by the sender at each attempt.
+    let video_link = (event == WebhookEvent::Completed)
+        .then(|| serde_json::from_str::<serde_json::Value>(&body).ok())
+        .flatten()
+        .and_then(|v| v.get("video_url")?.as_str().map(str::to_owned))
+        .map(|url| links.signer(task_id, url));
     let delivery = WebhookDelivery {
         v: SCHEMA_VERSION,
         webhook_id: row.get(0),
@@ -219,7 +230,7 @@ pub(super) async fn redeliver(
         url: row.get(3),
         headers: serde_json::from_value::<BTreeMap<String, String>>(headers).unwrap_or_default(),
         secret: secrets.current,
-        body: row.get(2),
+        body,
         occurred_at: row.get(5),
         attempts_made: 0,
         not_before: None,
@@ -233,6 +244,7 @@ pub(super) async fn redeliver(
             .transpose()
             .context("stored webhook_batch")?,
         previous_secret: secrets.previous,
+        video_link,
     };
     tx.execute(
         "UPDATE webhook_events SET status = 'pending', next_attempt_at = $2 WHERE webhook_id = $1",
