@@ -265,8 +265,11 @@ async fn the_timeout_counts_from_the_first_start_across_a_takeover() {
 async fn late_attempts_and_redeliveries_carry_a_working_link() {
     const TTL: u64 = 3;
     let stack = Stack::start_with(StackOptions {
-        retry_schedule: "0s,6s".into(),
-        env: vec![("CONDUIT__STORAGE__URL_TTL_SECONDS".into(), TTL.to_string())],
+        retry_schedule: "0s,8s".into(),
+        env: vec![(
+            "CONDUIT__STORAGE__URL_TTL_SECONDS".into(),
+            TTL.to_string(),
+        )],
         ..StackOptions::default()
     })
     .await;
@@ -328,7 +331,7 @@ async fn late_attempts_and_redeliveries_carry_a_working_link() {
     ));
 
     // A redelivery well after the lifetime carries a working link too.
-    tokio::time::sleep(Duration::from_secs(TTL + 1)).await;
+    tokio::time::sleep(Duration::from_secs(TTL + 3)).await;
     assert_eq!(fetch_status(&second_url).await, 410);
     let r = stack
         .http
