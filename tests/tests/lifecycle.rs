@@ -266,10 +266,7 @@ async fn late_attempts_and_redeliveries_carry_a_working_link() {
     const TTL: u64 = 3;
     let stack = Stack::start_with(StackOptions {
         retry_schedule: "0s,8s".into(),
-        env: vec![(
-            "CONDUIT__STORAGE__URL_TTL_SECONDS".into(),
-            TTL.to_string(),
-        )],
+        env: vec![("CONDUIT__STORAGE__URL_TTL_SECONDS".into(), TTL.to_string())],
         ..StackOptions::default()
     })
     .await;
