@@ -1,13 +1,15 @@
 //! The lifecycle promises that must hold across replicas and takeovers (CONTRACT.md §3
 //! and §5), with the real binaries: a cancel holds for generators started after it, a
-//! provider job is submitted upstream once per attempt even when the generator polling
-//! it is killed, the task timeout counts from the attempt's first start, and every
+//! provider job (MiniMax, OpenAI-compatible, Replicate, fal, Veo) is submitted upstream
+//! once per attempt even when the generator polling it is killed, the task timeout counts from the attempt's first start, and every
 //! `video_url` a client receives lives for the URL lifetime after it was sent.
 
 use std::time::{Duration, Instant};
 
 use conduit_system_tests::{
     eventually,
+    fake_fal::FakeFal,
+    fake_veo::FakeVeo,
     fakes::{fake_video, FakeProvider, Protocol, Scenario},
     ReceivedWebhook, Receiver, Reply, Stack, StackOptions,
 };
@@ -16,9 +18,9 @@ use serde_json::{json, Value};
 const LONG: Duration = Duration::from_secs(90);
 const KEY: &str = "sk-e2e-5d41402abc4b2a76b9719d911017c592";
 
-/// The generator environment that points `provider` (`MINIMAX`, `OPENAI`, `REPLICATE`)
-/// at `fake`, polling every 50 ms.
-fn provider_env(fake: &FakeProvider, provider: &str) -> Vec<(String, String)> {
+/// The generator environment that points `provider` (`MINIMAX`, `OPENAI`, `REPLICATE`,
+/// `FAL`, `VEO`) at the fake at `base_url`, polling every 50 ms.
+fn provider_env(base_url: &str, provider: &str) -> Vec<(String, String)> {
     let key_name = if provider == "REPLICATE" {
         "API_TOKEN"
     } else {
@@ -31,7 +33,7 @@ fn provider_env(fake: &FakeProvider, provider: &str) -> Vec<(String, String)> {
         ),
         (
             format!("CONDUIT__PROVIDERS__{provider}__BASE_URL"),
-            fake.base_url(),
+            base_url.to_owned(),
         ),
         (
             format!("CONDUIT__PROVIDERS__{provider}__POLL_INTERVAL_SECONDS"),
@@ -139,33 +141,96 @@ async fn a_cancel_holds_for_generators_started_after_it() {
     stack.stop().await;
 }
 
-/// Kills the generator while it polls `fake`'s job, starts it again, and checks the
-/// attempt completes with the one upstream job it submitted.
-async fn a_killed_poller_resumes_the_upstream_job(protocol: Protocol, provider: &str, body: Value) {
-    let fake = FakeProvider::start(protocol, KEY);
-    fake.set_default(Scenario {
+/// What the kill -9 test needs of a fake provider: its base URL, the submits it saw and
+/// its job for a prompt (id and polls so far).
+struct Upstream<'a> {
+    base_url: String,
+    submits: Box<dyn Fn() -> usize + 'a>,
+    job: Box<JobLookup<'a>>,
+}
+
+/// A fake's job for a prompt: its id and the polls it saw so far.
+type JobLookup<'a> = dyn Fn(&str) -> Option<(String, u32)> + 'a;
+
+impl<'a> Upstream<'a> {
+    fn of(fake: &'a FakeProvider) -> Self {
+        Self {
+            base_url: fake.base_url(),
+            submits: Box::new(|| fake.submits()),
+            job: Box::new(|prompt| fake.job_for(prompt).map(|j| (j.id, j.polls))),
+        }
+    }
+
+    fn fal(fake: &'a FakeFal) -> Self {
+        Self {
+            base_url: fake.base_url(),
+            submits: Box::new(|| {
+                fake.requests()
+                    .iter()
+                    .filter(|r| r.method == "POST" && !r.path.contains("/requests/"))
+                    .count()
+            }),
+            job: Box::new(|prompt| fake.job_for(prompt).map(|j| (j.id, j.polls))),
+        }
+    }
+
+    fn veo(fake: &'a FakeVeo) -> Self {
+        Self {
+            base_url: fake.base_url(),
+            submits: Box::new(|| {
+                fake.requests()
+                    .iter()
+                    .filter(|r| r.method == "POST" && r.path.ends_with(":predictLongRunning"))
+                    .count()
+            }),
+            job: Box::new(|prompt| fake.job_for(prompt).map(|j| (j.id, j.polls))),
+        }
+    }
+}
+
+/// A scenario whose job runs through 60 polls, long enough to kill its poller.
+fn slow() -> Scenario {
+    Scenario {
         running_polls: 60,
         ..Scenario::default()
-    });
+    }
+}
+
+/// Kills the generator while it polls `upstream`'s job, starts it again, and checks the
+/// attempt completes with the one upstream job it submitted.
+async fn a_killed_poller_resumes_the_upstream_job(
+    upstream: Upstream<'_>,
+    provider: &str,
+    body: Value,
+    extra_env: &[(&str, &str)],
+) {
+    let mut env = provider_env(&upstream.base_url, provider);
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    );
     let mut stack = Stack::start_with(StackOptions {
-        env: provider_env(&fake, provider),
+        env,
         ..StackOptions::default()
     })
     .await;
     let prompt = body["prompt"].as_str().expect("prompt").to_owned();
     let task_id = stack.submit_ok(&body).await;
     eventually("the upstream job to be polled", LONG, || async {
-        fake.job_for(&prompt).filter(|j| j.polls >= 3).map(|_| ())
+        (upstream.job)(&prompt)
+            .filter(|(_, polls)| *polls >= 3)
+            .map(|_| ())
     })
     .await;
     stack.generators[0].kill9();
     stack.generators[0].restart();
     let task = stack.wait_status(&task_id, "completed", LONG).await;
 
-    assert_eq!(fake.submits(), 1, "{provider}: upstream submissions");
-    let job = fake.job_for(&prompt).expect("the upstream job");
+    assert_eq!((upstream.submits)(), 1, "{provider}: upstream submissions");
+    let (job_id, polls) = (upstream.job)(&prompt).expect("the upstream job");
     assert!(
-        job.polls > 3,
+        polls > 3,
         "{provider}: the job was not polled after the takeover"
     );
     let url = task["video_url"].as_str().expect("a video_url");
@@ -175,7 +240,7 @@ async fn a_killed_poller_resumes_the_upstream_job(protocol: Protocol, provider: 
         .bytes()
         .await
         .expect("video body");
-    assert_eq!(video.to_vec(), fake_video(&job.id), "{provider}: the video");
+    assert_eq!(video.to_vec(), fake_video(&job_id), "{provider}: the video");
     let logs = stack.generators[0].logs();
     assert!(
         logs.contains("resuming"),
@@ -186,30 +251,66 @@ async fn a_killed_poller_resumes_the_upstream_job(protocol: Protocol, provider: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn minimax_kill_during_poll_submits_once() {
+    let fake = FakeProvider::start(Protocol::MiniMax, KEY);
+    fake.set_default(slow());
     a_killed_poller_resumes_the_upstream_job(
-        Protocol::MiniMax,
+        Upstream::of(&fake),
         "MINIMAX",
         json!({"model": "minimax-video", "prompt": "a minimax job outliving its poller"}),
+        &[],
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_kill_during_poll_submits_once() {
+    let fake = FakeProvider::start(Protocol::OpenAi, KEY);
+    fake.set_default(slow());
     a_killed_poller_resumes_the_upstream_job(
-        Protocol::OpenAi,
+        Upstream::of(&fake),
         "OPENAI",
         json!({"model": "openai-video", "prompt": "an openai job outliving its poller", "duration": 4}),
+        // A `/v1/videos` server has no default model.
+        &[("CONDUIT__MODELS__OPENAI-VIDEO__UPSTREAM_MODEL", "wan-2.5-t2v")],
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicate_kill_during_poll_submits_once() {
+    let fake = FakeProvider::start(Protocol::Replicate, KEY);
+    fake.set_default(slow());
     a_killed_poller_resumes_the_upstream_job(
-        Protocol::Replicate,
+        Upstream::of(&fake),
         "REPLICATE",
         json!({"model": "replicate-video", "prompt": "a replicate job outliving its poller"}),
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fal_kill_during_poll_submits_once() {
+    let fake = FakeFal::start(KEY);
+    fake.set_default(slow());
+    a_killed_poller_resumes_the_upstream_job(
+        Upstream::fal(&fake),
+        "FAL",
+        json!({"model": "fal-video", "prompt": "a fal request outliving its poller", "duration": 5}),
+        &[],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn veo_kill_during_poll_submits_once() {
+    let fake = FakeVeo::start(KEY);
+    fake.set_default(slow());
+    a_killed_poller_resumes_the_upstream_job(
+        Upstream::veo(&fake),
+        "VEO",
+        json!({"model": "veo-video", "prompt": "a Veo operation outliving its poller", "duration": 8}),
+        &[],
     )
     .await;
 }
@@ -219,7 +320,7 @@ async fn the_timeout_counts_from_the_first_start_across_a_takeover() {
     const TIMEOUT: u64 = 8;
     let fake = FakeProvider::start(Protocol::MiniMax, KEY);
     fake.set_default(Scenario::endless());
-    let mut env = provider_env(&fake, "MINIMAX");
+    let mut env = provider_env(&fake.base_url(), "MINIMAX");
     env.push((
         "CONDUIT__GENERATOR__TASK_TIMEOUT_SECONDS".into(),
         TIMEOUT.to_string(),
