@@ -4,7 +4,8 @@
 //! scheme is in [`conduit_core::video_links`]). With file storage the API serves the
 //! bytes itself (see [`crate::videos`]); with S3 it redirects to a freshly pre-signed
 //! object URL. Every URL handed out is valid for at least the URL lifetime, and the
-//! webhook sender signs a fresh one for each attempt of a completed webhook.
+//! webhook sender signs a fresh one for each attempt of a completed webhook that the
+//! earlier one would not last.
 
 use std::time::Duration;
 

@@ -235,7 +235,7 @@ pub struct BatchedEvent {
     #[serde(with = "rfc3339_millis")]
     pub occurred_at: DateTime<Utc>,
     /// As [`WebhookDelivery::video_link`]: the `video_url` in `body` is signed afresh
-    /// for each attempt of the batch.
+    /// for an attempt of the batch it would not last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub video_link: Option<VideoLinkSigner>,
 }

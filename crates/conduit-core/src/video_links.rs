@@ -1,6 +1,6 @@
 //! The signed video links the API serves, shared by the API (which hands them out and
-//! checks them) and the webhook sender (which signs a fresh one for every attempt of an
-//! event that carries a `video_url`):
+//! checks them) and the webhook sender (which signs a fresh one for any attempt of an
+//! event carrying a `video_url` that would not last the URL lifetime from then):
 //!
 //! `{public_base_url}/v1/videos/files/{task_id}?expires=<unix>&signature=<hex>`, where
 //! the signature is HMAC-SHA256 over `{task_id}.{expires}` with the task's link key, and
@@ -71,6 +71,16 @@ pub fn link(base: &str, task_key: &[u8], task_id: Uuid, expires: i64) -> String 
     )
 }
 
+/// The `expires` of a link, if it has one.
+fn expiry(link: &str) -> Option<i64> {
+    let (_, query) = link.split_once('?')?;
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("expires="))?
+        .parse()
+        .ok()
+}
+
 impl VideoLinkSigner {
     /// A signer for `task_id`'s link whose body currently shows `url_in_body`.
     pub fn new(
@@ -89,8 +99,14 @@ impl VideoLinkSigner {
     }
 
     /// `body` with its `video_url` replaced by one of `task_id` valid for the lifetime
-    /// from `now`; the body unchanged when it does not hold the URL or the key is bad.
+    /// from `now`; the body unchanged when its URL is still valid for the lifetime (so an
+    /// early attempt shows the very URL a poll shows), when it does not hold the URL or
+    /// the key is bad.
     pub fn refresh(&self, body: &str, task_id: Uuid, now: DateTime<Utc>) -> String {
+        let ttl = i64::try_from(self.ttl_seconds).unwrap_or(i64::MAX / 4);
+        if expiry(&self.url_in_body).is_some_and(|at| at > now.timestamp() + ttl) {
+            return body.to_owned();
+        }
         let Ok(key) = STANDARD.decode(&self.task_key) else {
             return body.to_owned();
         };
@@ -101,7 +117,6 @@ impl VideoLinkSigner {
         if !body.contains(&old) {
             return body.to_owned();
         }
-        let ttl = i64::try_from(self.ttl_seconds).unwrap_or(i64::MAX / 4);
         let fresh = link(&self.base, &key, task_id, now.timestamp() + ttl + 1);
         match serde_json::to_string(&fresh) {
             Ok(quoted) => body.replacen(&old, &quoted, 1),
@@ -142,5 +157,20 @@ mod tests {
         assert_eq!(url, link(&base, &key, task, 1_061));
         assert_eq!(v["prompt"], "a \"quoted\" prompt");
         assert_eq!(signer.refresh("{}", task, now), "{}");
+    }
+
+    #[test]
+    fn a_link_still_valid_for_the_lifetime_is_kept() {
+        let task = Uuid::new_v4();
+        let base = format!("http://h/v1/videos/files/{task}");
+        let key = task_link_key(b"m", task);
+        let current = link(&base, &key, task, 1_100);
+        let body = serde_json::json!({ "video_url": current }).to_string();
+        let signer = VideoLinkSigner::new(b"m", task, base, current, 60);
+        // Valid until 1 100: kept at 1 000 (100 s left), re-signed at 1 050 (50 s left).
+        let early = DateTime::from_timestamp(1_000, 0).unwrap();
+        assert_eq!(signer.refresh(&body, task, early), body);
+        let late = DateTime::from_timestamp(1_050, 0).unwrap();
+        assert_ne!(signer.refresh(&body, task, late), body);
     }
 }

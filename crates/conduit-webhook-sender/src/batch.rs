@@ -446,7 +446,8 @@ impl Deliverer {
                 }
             }
         }
-        // Links in the events are signed afresh for each attempt of the batch.
+        // Links in the events that would not last the URL lifetime from this attempt
+        // on are signed afresh.
         let body = batch_body(&b.formed_at, &b.events, now_millis());
         let prepared = if body.len() > MAX_BODY_BYTES {
             Err(Response::Unsendable {

@@ -332,8 +332,8 @@ impl Deliverer {
         keys: &[SigningKey],
         shutdown: &CancellationToken,
     ) -> Option<Attempt> {
-        // A `video_url` in the body is signed afresh, so it lives for the URL lifetime
-        // from this attempt on however late the attempt is.
+        // A `video_url` in the body that would not last the URL lifetime from this
+        // attempt on is signed afresh, however late the attempt is.
         let body = match &d.video_link {
             Some(link) => link.refresh(&d.body, d.task_id, now_millis()),
             None => d.body.clone(),
