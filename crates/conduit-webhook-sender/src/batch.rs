@@ -680,4 +680,33 @@ mod tests {
             body.len() <= ENVELOPE_BYTES + events.iter().map(|e| e.body.len() + 40).sum::<usize>()
         );
     }
+
+    #[test]
+    fn a_stale_video_link_is_signed_afresh_in_a_batch() {
+        let task = Uuid::new_v4();
+        let base = format!("http://api/v1/videos/files/{task}");
+        let key = conduit_core::video_links::task_link_key(b"signing key", task);
+        let stale = conduit_core::video_links::link(&base, &key, task, 100);
+        let event = BatchedEvent {
+            webhook_id: "msg_c".into(),
+            task_id: task,
+            event: WebhookEvent::Completed,
+            body: serde_json::json!({ "video_url": stale }).to_string(),
+            occurred_at: now_millis(),
+            video_link: Some(conduit_core::messages::VideoLinkSigner::new(
+                b"signing key",
+                task,
+                base.clone(),
+                stale.clone(),
+                60,
+            )),
+        };
+        let at = chrono::DateTime::from_timestamp(1_000, 0).unwrap();
+        let body = batch_body(&at, &[event], at);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["events"][0]["payload"]["video_url"],
+            conduit_core::video_links::link(&base, &key, task, 1_061)
+        );
+    }
 }
