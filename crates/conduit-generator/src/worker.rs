@@ -447,20 +447,15 @@ impl Worker {
         Result<crate::providers::GeneratedVideo, GenerationError>,
         String,
     ) {
-        let mut current = job.clone();
-        let mut fallbacks = self.providers.fallbacks(job).into_iter();
-        // A takeover goes on with the model whose upstream job an earlier run submitted,
-        // so the models before it in the list are not asked again.
-        if let Some(model) = ctx.upstream.resumed_model() {
-            if model != current.model {
-                let mut rest = fallbacks.clone();
-                if let Some(found) = rest.by_ref().find(|f| f.model == model) {
-                    info!(model = %job.model, fallback = %found.model, "resuming with the fallback model an earlier run submitted to");
-                    current = found;
-                    fallbacks = rest;
-                }
-            }
+        let (mut current, rest) = resume_chain(
+            job,
+            self.providers.fallbacks(job),
+            ctx.upstream.resumed_model(),
+        );
+        if current.model != job.model {
+            info!(model = %job.model, fallback = %current.model, "resuming with the fallback model an earlier run submitted to");
         }
+        let mut fallbacks = rest.into_iter();
         loop {
             let provider = match self.providers.resolve(&current) {
                 Ok(provider) => provider,
@@ -599,7 +594,82 @@ impl Worker {
     }
 }
 
+/// Where a run of `job` starts in its model list (`job` itself, then `fallbacks`): a
+/// takeover goes on with the model whose upstream job an earlier run submitted
+/// (`resumed`), so the models before it are not asked again; otherwise with `job`.
+/// Returns the first model to run and the fallbacks left after it.
+fn resume_chain(
+    job: &JobMessage,
+    fallbacks: Vec<JobMessage>,
+    resumed: Option<&str>,
+) -> (JobMessage, Vec<JobMessage>) {
+    if let Some(model) = resumed.filter(|m| *m != job.model) {
+        if let Some(at) = fallbacks.iter().position(|f| f.model == model) {
+            let mut rest = fallbacks;
+            let found = rest.remove(at);
+            return (found, rest.split_off(at));
+        }
+    }
+    (job.clone(), fallbacks)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A holder cannot leave the checkpoint half written; keep using it after a panic.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use conduit_core::messages::RenderSpec;
+
+    use super::*;
+
+    fn job(model: &str) -> JobMessage {
+        JobMessage {
+            v: SCHEMA_VERSION,
+            task_id: Uuid::nil(),
+            attempt: 1,
+            model: model.into(),
+            provider: "p".into(),
+            upstream_model: None,
+            prompt: "p".into(),
+            spec: RenderSpec {
+                duration_seconds: 1,
+                width: 64,
+                height: 64,
+                fps: 4,
+                seed: None,
+            },
+            submitted_at: now_millis(),
+            image_url: None,
+            checkpoint: None,
+        }
+    }
+
+    fn models(chain: &(JobMessage, Vec<JobMessage>)) -> Vec<String> {
+        std::iter::once(&chain.0)
+            .chain(&chain.1)
+            .map(|j| j.model.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_takeover_goes_on_with_the_model_it_submitted_to() {
+        let own = job("a");
+        let list = || vec![job("b"), job("c"), job("d")];
+        assert_eq!(
+            models(&resume_chain(&own, list(), None)),
+            ["a", "b", "c", "d"]
+        );
+        assert_eq!(
+            models(&resume_chain(&own, list(), Some("a"))),
+            ["a", "b", "c", "d"]
+        );
+        assert_eq!(models(&resume_chain(&own, list(), Some("c"))), ["c", "d"]);
+        // A model no longer in the list: start from the top.
+        assert_eq!(
+            models(&resume_chain(&own, list(), Some("gone"))),
+            ["a", "b", "c", "d"]
+        );
+    }
 }

@@ -449,4 +449,50 @@ mod tests {
         assert_eq!(names, ["local-video"]);
         assert!(providers.fallbacks(&job("local-video", "local")).is_empty());
     }
+
+    #[tokio::test]
+    async fn an_upstream_job_is_resumed_for_its_own_provider_and_model_only() {
+        let mut earlier = UpstreamJob::new("minimax", "up-1");
+        earlier.model = Some("minimax-video".into());
+        let checkpoint = UpstreamCheckpoint::new(Some(earlier), |_| async { Ok(()) }, || false);
+        assert_eq!(checkpoint.resumed_model(), Some("minimax-video"));
+        assert!(checkpoint.resumable("minimax", "minimax-video").is_some());
+        assert!(checkpoint.resumable("minimax", "minimax-fast").is_none());
+        assert!(checkpoint.resumable("replicate", "minimax-video").is_none());
+
+        let cancel = CancellationToken::new();
+        let own = job("minimax-video", "minimax");
+        let (resumed, was) = checkpoint
+            .submit_once(&own, "minimax", &cancel, || async {
+                Err(GenerationError::Failed("must not submit".into()))
+            })
+            .await
+            .expect("resumed");
+        assert!(was);
+        assert_eq!(resumed.id, "up-1");
+
+        // Another model: a new job, recorded with its provider and model.
+        let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = recorded.clone();
+        let checkpoint = UpstreamCheckpoint::new(
+            None,
+            move |job| {
+                sink.lock().expect("recorded").push(job);
+                async { Ok(()) }
+            },
+            || false,
+        );
+        let (new, was) = checkpoint
+            .submit_once(
+                &job("replicate-video", "replicate"),
+                "replicate",
+                &cancel,
+                || async { Ok(UpstreamJob::new("replicate", "p-9")) },
+            )
+            .await
+            .expect("submitted");
+        assert!(!was);
+        assert_eq!(new.model.as_deref(), Some("replicate-video"));
+        assert_eq!(recorded.lock().expect("recorded").as_slice(), [new]);
+    }
 }
