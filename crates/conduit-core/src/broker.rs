@@ -92,7 +92,8 @@ impl Outgoing {
         })
     }
 
-    /// A JSON message for every generator's control queue.
+    /// A JSON message for the control fanout, which feeds the lifecycle stream (and any
+    /// exclusive control queue bound to it).
     pub fn control<T: Serialize>(message: &T) -> anyhow::Result<Self> {
         Ok(Self {
             target: Target::Control,
@@ -321,7 +322,8 @@ impl Broker {
 
     /// As [`Broker::consume`], and `on_open` is notified each time the consumer is in
     /// place (its queue declared and bound), so a caller can hold other work until then:
-    /// a generator takes no job before its control queue can hear that job's cancel.
+    /// a generator takes no job before it reads the lifecycle stream, where it waits for
+    /// its marks.
     pub async fn consume_signalling<F, Fut>(
         &self,
         source: Source,
