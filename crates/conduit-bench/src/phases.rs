@@ -212,6 +212,7 @@ fn job() -> Outgoing {
         },
         submitted_at: now_millis(),
         image_url: None,
+        checkpoint: None,
     };
     Outgoing::json(route::JOBS, &job)
         .map(|o| o.for_task(task_id).with_message_id(format!("{task_id}:1")))
@@ -663,6 +664,7 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
         retry: None,
         batch: None,
         previous_secret: None,
+        video_link: None,
     };
     let out = Outgoing::json(route::WEBHOOKS, &d)
         .map(|o| o.for_task(task_id).with_message_id(webhook_id.clone()))

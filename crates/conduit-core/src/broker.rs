@@ -117,7 +117,8 @@ impl Outgoing {
         })
     }
 
-    /// A JSON message for every generator's control queue.
+    /// A JSON message for the control fanout, which feeds the lifecycle stream (and any
+    /// exclusive control queue bound to it).
     pub fn control<T: Serialize>(message: &T) -> anyhow::Result<Self> {
         Ok(Self {
             target: Target::Control,
@@ -169,6 +170,9 @@ pub enum Source {
     Queue(String),
     /// This process's own exclusive queue on the control fanout.
     Control,
+    /// A stream queue, by routing key, read from its first retained message on every
+    /// (re)open.
+    Stream(String),
 }
 
 /// Limits of one consumer.
@@ -354,7 +358,8 @@ impl Broker {
 
     /// As [`Broker::consume`], and `on_open` is notified each time the consumer is in
     /// place (its queue declared and bound), so a caller can hold other work until then:
-    /// a generator takes no job before its control queue can hear that job's cancel.
+    /// a generator takes no job before it reads the lifecycle stream, where it waits for
+    /// its marks.
     pub async fn consume_signalling<F, Fut>(
         &self,
         source: Source,
@@ -371,7 +376,7 @@ impl Broker {
         let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
         let mut in_flight = JoinSet::new();
         let label = match &source {
-            Source::Queue(r) => self.inner.topology.queue(r),
+            Source::Queue(r) | Source::Stream(r) => self.inner.topology.queue(r),
             Source::Control => self.inner.topology.control_exchange(),
         };
         // Beats while a delivery can be taken (a delivery handled, or an idle tick on a
@@ -534,7 +539,9 @@ impl Broker {
             .await
             .context("setting prefetch")?;
         let (queue, no_ack) = match source {
-            Source::Queue(route) => (self.inner.topology.queue(route), false),
+            Source::Queue(route) | Source::Stream(route) => {
+                (self.inner.topology.queue(route), false)
+            }
             Source::Control => {
                 // Named here, not by the server: lapin's recovery re-declares every queue
                 // of a channel by name, and the broker refuses a client declaring an
@@ -569,6 +576,13 @@ impl Broker {
                 (name, true)
             }
         };
+        let mut consume_args = FieldTable::default();
+        if matches!(source, Source::Stream(_)) {
+            consume_args.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString("first".into()),
+            );
+        }
         let consumer = channel
             .basic_consume(
                 ShortString::from(queue.as_str()),
@@ -577,7 +591,7 @@ impl Broker {
                     no_ack,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                consume_args,
             )
             .await
             .with_context(|| format!("consuming {queue}"))?;

@@ -19,6 +19,7 @@ pub mod testing;
 pub mod time;
 pub mod tls;
 pub mod topology;
+pub mod video_links;
 
 pub use broker::{Broker, ConsumeLimits, Disposition, Incoming, Outgoing, Source, Target};
 pub use config::{Secret, Service, Settings};

@@ -58,6 +58,7 @@ pub async fn delete_namespace(amqp_url: &str, namespace: &str) -> anyhow::Result
         route::WEBHOOKS,
         route::OUTCOMES,
         route::DEAD_WEBHOOKS,
+        route::LIFECYCLE,
     ]
     .iter()
     .map(|r| t.queue(r))

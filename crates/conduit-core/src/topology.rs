@@ -10,7 +10,9 @@
 //!   ├─ {ns}.webhook-outcomes  quorum   webhook senders → API delivery log
 //!   ├─ {ns}.webhooks.dead     quorum   deliveries that exhausted their schedule
 //!   └─ {ns}.webhooks.wait.N   classic  TTL N ms, dead-letters back to {ns}.webhooks
-//!  {ns}.control    fanout exchange; each generator binds its own exclusive queue
+//!   └─ {ns}.lifecycle         stream   cancels, checkpoints, marks (also bound to
+//!                                        {ns}.control); every generator reads it whole
+//!  {ns}.control    fanout exchange the API publishes cancels on
 //! ```
 
 use std::time::Duration;
@@ -29,7 +31,13 @@ pub mod route {
     pub const WEBHOOKS: &str = "webhooks";
     pub const OUTCOMES: &str = "webhook-outcomes";
     pub const DEAD_WEBHOOKS: &str = "webhooks.dead";
+    /// The stream of attempt lifecycle records (cancels, checkpoints, marks).
+    pub const LIFECYCLE: &str = "lifecycle";
 }
+
+/// How long the lifecycle stream keeps its records: longer than any job waits in the
+/// queue or any attempt runs.
+pub const LIFECYCLE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Delays of the webhook wait queues. A delivery due later than the largest bucket is
 /// parked repeatedly; one due sooner than the smallest goes straight to delivery. With
@@ -128,6 +136,28 @@ impl Topology {
             );
             self.declare_bound_queue(channel, r, args).await?;
         }
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", LIFECYCLE_RETENTION.as_secs()).into()),
+        );
+        self.declare_bound_queue(channel, route::LIFECYCLE, args)
+            .await?;
+        let lifecycle = self.queue(route::LIFECYCLE);
+        channel
+            .queue_bind(
+                lifecycle.as_str().into(),
+                self.control_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding queue {lifecycle} to the control fanout"))?;
         for delay in WAIT_BUCKETS {
             let mut args = FieldTable::default();
             let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);

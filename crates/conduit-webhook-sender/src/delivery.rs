@@ -322,7 +322,13 @@ impl Deliverer {
         keys: &[SigningKey],
         shutdown: &CancellationToken,
     ) -> Option<Attempt> {
-        self.post(url, &d.headers, &d.webhook_id, keys, &d.body, shutdown)
+        // A `video_url` in the body that would not last the URL lifetime from this
+        // attempt on is signed afresh, however late the attempt is.
+        let body = match &d.video_link {
+            Some(link) => link.refresh(&d.body, d.task_id, now_millis()),
+            None => d.body.clone(),
+        };
+        self.post(url, &d.headers, &d.webhook_id, keys, &body, shutdown)
             .await
     }
 
@@ -840,6 +846,7 @@ mod tests {
             retry: None,
             batch: None,
             previous_secret: None,
+            video_link: None,
         }
     }
 

@@ -218,7 +218,7 @@ pub(super) async fn apply(
             .await
             .context("completing the task")?;
             if task.wants(WebhookEvent::Completed) {
-                let url = links.url_for(task.id, video_key, at, Utc::now()).await?;
+                let url = links.url_for(task.id, at, Utc::now());
                 Some(WebhookPayload::Completed(CompletedPayload::new(
                     task.id,
                     at,
@@ -253,7 +253,11 @@ pub(super) async fn apply(
         }
     };
     if let Some(payload) = &payload {
-        webhooks::record_event(&tx, &task, &secrets, payload, at).await?;
+        let video_link = match payload {
+            WebhookPayload::Completed(done) => Some(links.signer(task.id, done.video_url.clone())),
+            _ => None,
+        };
+        webhooks::record_event(&tx, &task, &secrets, payload, at, video_link).await?;
     }
     tx.commit().await.context("committing ledger transaction")?;
     Ok(Applied::Applied {

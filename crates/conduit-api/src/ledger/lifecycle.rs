@@ -152,18 +152,7 @@ pub(super) async fn cancel(
         .await
         .context("marking the task cancelled")?;
     let task = TaskRow::from_row(&row)?;
-    let cancel = ControlMessage::Cancel {
-        v: SCHEMA_VERSION,
-        task_id: task.id,
-        attempt: task.attempt,
-    };
-    outbox::enqueue(
-        &tx,
-        &Outgoing::control(&cancel)?
-            .for_task(task.id)
-            .with_message_id(format!("{}:{}:cancel", task.id, task.attempt)),
-    )
-    .await?;
+    outbox::enqueue(&tx, &cancel_message(&task)?).await?;
     if task.wants(WebhookEvent::Cancelled) {
         let payload = WebhookPayload::Failed(FailedPayload::cancelled(
             task.id,
@@ -171,10 +160,22 @@ pub(super) async fn cancel(
             task.model.clone(),
             task.prompt.clone(),
         ));
-        webhooks::record_event(&tx, &task, &secrets, &payload, now).await?;
+        webhooks::record_event(&tx, &task, &secrets, &payload, now, None).await?;
     }
     tx.commit().await.context("committing cancel")?;
     Ok(task)
+}
+
+/// The cancel of `task`'s current attempt, for every generator and the lifecycle stream.
+pub(super) fn cancel_message(task: &TaskRow) -> anyhow::Result<Outgoing> {
+    let cancel = ControlMessage::Cancel {
+        v: SCHEMA_VERSION,
+        task_id: task.id,
+        attempt: task.attempt,
+    };
+    Ok(Outgoing::control(&cancel)?
+        .for_task(task.id)
+        .with_message_id(format!("{}:{}:cancel", task.id, task.attempt)))
 }
 
 /// Runs a failed or cancelled task again as a new attempt.

@@ -111,7 +111,13 @@ pub(crate) struct TaskLedger {
     /// Wakes the outbox relay right after a commit wrote outbox rows.
     outbox_ready: Arc<Notify>,
     submits: submits::SubmitQueue,
+    /// The relay's broker, for cancels published before the cancel is answered.
+    broker: std::sync::OnceLock<Broker>,
 }
+
+/// How long a cancel waits for its direct publish before answering anyway (the outbox
+/// publishes it in any case).
+const CANCEL_PUBLISH_PATIENCE: Duration = Duration::from_secs(5);
 
 impl TaskLedger {
     /// A ledger over `pool`, and the group-commit writer its submits go through (run it
@@ -129,6 +135,7 @@ impl TaskLedger {
             metrics,
             outbox_ready: Arc::new(Notify::new()),
             submits,
+            broker: std::sync::OnceLock::new(),
         };
         (ledger, writer)
     }
@@ -179,17 +186,31 @@ impl TaskLedger {
     /// The `video_url` of a completed task as of now.
     pub(crate) async fn video_url(&self, task: &TaskRow) -> Result<Option<String>, LedgerError> {
         match (&task.status, &task.video_key, task.completed_at) {
-            (TaskStatus::Completed, Some(key), Some(done)) => Ok(Some(
-                self.links.url_for(task.id, key, done, Utc::now()).await?,
-            )),
+            (TaskStatus::Completed, Some(_), Some(done)) => {
+                Ok(Some(self.links.url_for(task.id, done, Utc::now())))
+            }
             _ => Ok(None),
         }
     }
 
-    /// Cancels a pending or processing task.
+    /// Cancels a pending or processing task. The cancel is on the lifecycle stream
+    /// before this answers (unless the broker is away; the outbox carries it then), so
+    /// no generator starts the attempt after the client was told it is cancelled.
     pub(crate) async fn cancel(&self, key_id: Uuid, task_id: Uuid) -> Result<TaskRow, LedgerError> {
         let task = lifecycle::cancel(&self.pool, key_id, task_id).await?;
         self.wake_relay();
+        if let Some(broker) = self.broker.get() {
+            let message = lifecycle::cancel_message(&task)?;
+            match tokio::time::timeout(CANCEL_PUBLISH_PATIENCE, broker.publish(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    warn!(%task_id, error = %format!("{err:#}"), "could not publish the cancel at once; the outbox will")
+                }
+                Err(_) => {
+                    warn!(%task_id, "the cancel's publish was not confirmed in time; the outbox will publish it")
+                }
+            }
+        }
         Ok(task)
     }
 
@@ -215,7 +236,7 @@ impl TaskLedger {
         &self,
         outcome: &AttemptOutcome,
     ) -> Result<bool, LedgerError> {
-        Ok(webhooks::record_outcome(&self.pool, outcome).await?)
+        Ok(webhooks::record_outcome(&self.pool, &self.links, outcome).await?)
     }
 
     /// The delivery log of the owner's task.
@@ -237,7 +258,7 @@ impl TaskLedger {
         key_id: Uuid,
         task_id: Uuid,
     ) -> Result<Redelivered, LedgerError> {
-        let redelivered = webhooks::redeliver(&self.pool, key_id, task_id).await?;
+        let redelivered = webhooks::redeliver(&self.pool, &self.links, key_id, task_id).await?;
         self.wake_relay();
         Ok(redelivered)
     }
@@ -261,6 +282,7 @@ impl TaskLedger {
 
     /// The relay that publishes this ledger's outbox through `broker`.
     pub(crate) fn relay(&self, broker: Broker) -> OutboxRelay {
+        let _ = self.broker.set(broker.clone());
         OutboxRelay {
             pool: self.pool.clone(),
             broker,

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use conduit_core::{
-    messages::{AttemptOutcome, DeliveryState, WebhookDelivery, SCHEMA_VERSION},
+    messages::{AttemptOutcome, DeliveryState, VideoLinkSigner, WebhookDelivery, SCHEMA_VERSION},
     payload::{WebhookEvent, WebhookPayload},
     time::now_millis,
     topology::route,
@@ -35,6 +35,7 @@ use super::{
     task::TaskRow,
     LedgerError,
 };
+use crate::links::VideoLinks;
 
 /// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
 fn new_webhook_id() -> String {
@@ -55,6 +56,7 @@ pub(super) async fn record_event(
     secrets: &KeySecrets,
     payload: &WebhookPayload,
     occurred_at: DateTime<Utc>,
+    video_link: Option<VideoLinkSigner>,
 ) -> anyhow::Result<String> {
     let url = task
         .webhook_url
@@ -75,6 +77,7 @@ pub(super) async fn record_event(
         retry: task.webhook_retry.clone(),
         batch: task.webhook_batch,
         previous_secret: secrets.previous.clone(),
+        video_link,
     };
     // The caller holds the task's row lock (see the module doc).
     let busy = client
@@ -227,6 +230,7 @@ pub(super) async fn delivery_log(
 /// Sends the task's latest terminal webhook again: same `webhook-id`, fresh schedule.
 pub(super) async fn redeliver(
     pool: &Pool,
+    links: &VideoLinks,
     key_id: Uuid,
     task_id: Uuid,
 ) -> Result<Redelivered, LedgerError> {
@@ -256,7 +260,7 @@ pub(super) async fn redeliver(
         .await
         .context("finding the latest terminal webhook")?
         .ok_or(LedgerError::NoTerminalWebhook)?;
-    let delivery = options.delivery_of(&row)?;
+    let delivery = options.delivery_of(&row, links)?;
     let event = delivery.event;
     queue_stored(&tx, &delivery).await?;
     tx.commit().await.context("committing redelivery")?;
@@ -298,11 +302,22 @@ impl TaskOptions {
     }
 
     /// The delivery of a stored event (a row of [`STORED_EVENT`]), from its first attempt.
-    fn delivery_of(&self, row: &tokio_postgres::Row) -> anyhow::Result<WebhookDelivery> {
+    fn delivery_of(
+        &self,
+        row: &tokio_postgres::Row,
+        links: &VideoLinks,
+    ) -> anyhow::Result<WebhookDelivery> {
         let event_name: String = row.get(1);
         let event = WebhookEvent::parse(&event_name)
             .with_context(|| format!("unknown webhook event {event_name:?} in the database"))?;
         let headers: serde_json::Value = row.get(4);
+        let body: String = row.get(2);
+        // A completed event's link is signed afresh by the sender at each attempt.
+        let video_link = (event == WebhookEvent::Completed)
+            .then(|| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .flatten()
+            .and_then(|v| v.get("video_url")?.as_str().map(str::to_owned))
+            .map(|url| links.signer(self.task_id, url));
         Ok(WebhookDelivery {
             v: SCHEMA_VERSION,
             webhook_id: row.get(0),
@@ -312,13 +327,14 @@ impl TaskOptions {
             headers: serde_json::from_value::<BTreeMap<String, String>>(headers)
                 .unwrap_or_default(),
             secret: self.secrets.current.clone(),
-            body: row.get(2),
+            body,
             occurred_at: row.get(5),
             attempts_made: 0,
             not_before: None,
             retry: self.retry.clone(),
             batch: self.batch,
             previous_secret: self.secrets.previous.clone(),
+            video_link,
         })
     }
 }
@@ -340,7 +356,11 @@ async fn queue_stored(
 
 /// Releases the oldest held event of the task whose webhook `webhook_id` just settled.
 /// The caller holds the task's row lock.
-async fn release_next(client: &impl GenericClient, options: &TaskOptions) -> anyhow::Result<()> {
+async fn release_next(
+    client: &impl GenericClient,
+    options: &TaskOptions,
+    links: &VideoLinks,
+) -> anyhow::Result<()> {
     let next = client
         .query_opt(
             &format!(
@@ -353,7 +373,7 @@ async fn release_next(client: &impl GenericClient, options: &TaskOptions) -> any
         .await
         .context("finding the task's next held webhook")?;
     if let Some(row) = next {
-        let delivery = options.delivery_of(&row)?;
+        let delivery = options.delivery_of(&row, links)?;
         queue_stored(client, &delivery).await?;
     }
     Ok(())
@@ -364,7 +384,11 @@ async fn release_next(client: &impl GenericClient, options: &TaskOptions) -> any
 ///
 /// An outcome that settles the event (anything but `pending`) releases the task's next
 /// held webhook in the same transaction (module doc).
-pub(super) async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> anyhow::Result<bool> {
+pub(super) async fn record_outcome(
+    pool: &Pool,
+    links: &VideoLinks,
+    outcome: &AttemptOutcome,
+) -> anyhow::Result<bool> {
     let mut client = pool.get().await.context("connecting to the database")?;
     if outcome.state == DeliveryState::Pending {
         return write_outcome(&client, outcome).await;
@@ -388,7 +412,7 @@ pub(super) async fn record_outcome(pool: &Pool, outcome: &AttemptOutcome) -> any
     let applied = write_outcome(&tx, outcome).await?;
     if let (true, Some(task)) = (applied, task) {
         let task_id: Uuid = task.try_get("task_id").context("reading the task id")?;
-        release_next(&tx, &TaskOptions::from_row(task_id, &task)?).await?;
+        release_next(&tx, &TaskOptions::from_row(task_id, &task)?, links).await?;
     }
     tx.commit().await.context("committing the outcome")?;
     Ok(applied)

@@ -136,6 +136,7 @@ impl Harness {
             },
             submitted_at: conduit_core::time::now_millis(),
             image_url: None,
+            checkpoint: None,
         }
     }
 
