@@ -63,12 +63,14 @@ struct Inner {
     live: watch::Receiver<Option<Live>>,
 }
 
-/// Where a message goes: a work queue of the namespace's direct exchange, or every
-/// generator through the control fanout.
+/// Where a message goes: a work queue of the namespace's direct exchange, every
+/// generator through the control fanout, or every API process through the stream fanout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Queue(String),
     Control,
+    /// Not mandatory: with no API process bound, nobody is listening live.
+    Stream,
 }
 
 /// A message ready to publish.
@@ -143,6 +145,8 @@ pub enum Source {
     Queue(String),
     /// This process's own exclusive queue on the control fanout.
     Control,
+    /// This process's own exclusive queue on the stream fanout.
+    Stream,
 }
 
 /// Limits of one consumer.
@@ -259,10 +263,11 @@ impl Broker {
             let exchange = match &m.target {
                 Target::Queue(_) => self.inner.topology.exchange(),
                 Target::Control => self.inner.topology.control_exchange(),
+                Target::Stream => self.inner.topology.stream_exchange(),
             };
             let routing_key = match &m.target {
                 Target::Queue(route) => route.as_str(),
-                Target::Control => "",
+                Target::Control | Target::Stream => "",
             };
             let confirm = live
                 .publish
@@ -337,6 +342,7 @@ impl Broker {
         let label = match &source {
             Source::Queue(r) => self.inner.topology.queue(r),
             Source::Control => self.inner.topology.control_exchange(),
+            Source::Stream => self.inner.topology.stream_exchange(),
         };
         'session: while !shutdown.is_cancelled() {
             let live = tokio::select! {
@@ -370,7 +376,7 @@ impl Broker {
             // Delivery tags restart on a recovered channel, so each recovery gets a
             // settler of its own; the old one settles (or finds poisoned) what is left.
             let mut settler =
-                (!matches!(source, Source::Control)).then(|| Settler::spawn(channel.clone()));
+                matches!(source, Source::Queue(_)).then(|| Settler::spawn(channel.clone()));
             loop {
                 let permit = tokio::select! {
                     p = permits.clone().acquire_owned() => p.context("consumer semaphore closed")?,
@@ -400,6 +406,13 @@ impl Broker {
                             () = shutdown.cancelled() => break 'session,
                         };
                         if recovered {
+                            // The recovered channel re-declared this consumer's queue; an
+                            // exclusive one lost what was published meanwhile.
+                            if let (Some(on_open), true) =
+                                (&on_open, matches!(source, Source::Stream))
+                            {
+                                on_open.notify_one();
+                            }
                             if settler.is_some() {
                                 settler = Some(Settler::spawn(channel.clone()));
                             }
@@ -459,15 +472,15 @@ impl Broker {
             .context("setting prefetch")?;
         let (queue, no_ack) = match source {
             Source::Queue(route) => (self.inner.topology.queue(route), false),
-            Source::Control => {
+            Source::Control | Source::Stream => {
+                let exchange = match source {
+                    Source::Stream => self.inner.topology.stream_exchange(),
+                    _ => self.inner.topology.control_exchange(),
+                };
                 // Named here, not by the server: lapin's recovery re-declares every queue
                 // of a channel by name, and the broker refuses a client declaring an
                 // `amq.gen-*` name, which would leave the recovery half done.
-                let name = format!(
-                    "{}.{}",
-                    self.inner.topology.control_exchange(),
-                    Uuid::new_v4().simple()
-                );
+                let name = format!("{exchange}.{}", Uuid::new_v4().simple());
                 channel
                     .queue_declare(
                         name.as_str().into(),
@@ -483,7 +496,7 @@ impl Broker {
                 channel
                     .queue_bind(
                         name.as_str().into(),
-                        self.inner.topology.control_exchange().into(),
+                        exchange.as_str().into(),
                         "".into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),
