@@ -81,8 +81,7 @@ impl Sizes {
 }
 
 /// Status events per second through the ledger when no `--pace` is given. Every event is
-/// one ledger transaction, and one key's events commit one after another (their stream
-/// positions are dense), so this is far below the broker-only paced runs.
+/// one ledger transaction, so this is far below the broker-only paced runs.
 const DEFAULT_PACE: f64 = 100.0;
 
 /// The stream phase's figures.
