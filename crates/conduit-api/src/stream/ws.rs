@@ -158,7 +158,10 @@ pub(crate) async fn stream(
         );
     }
     let app = state.into_inner();
-    let follower = Follower::new(&app.stream, app.ledger.clone(), active.id, Follow::All, 0);
+    let mut follower = Follower::new(&app.stream, app.ledger.clone(), active.id, Follow::All, 0);
+    // Live only: start at the head, read after registering and before the handshake
+    // completes, so every event numbered after the client sees the upgrade reaches it.
+    follower.cursor = follower.head().await?;
     let span = tracing::info_span!("websocket", key_id = %active.id);
     actix_web::rt::spawn(
         async move {
@@ -273,8 +276,6 @@ impl Connection {
         &mut self,
         mut messages: MessageStream,
     ) -> Result<Option<CloseReason>, LedgerError> {
-        // Live only: start at the stream's head, read after registering.
-        self.follower.cursor = self.follower.head().await?;
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         let mut heard = tokio::time::Instant::now();

@@ -435,6 +435,53 @@ async fn a_client_of_a_second_api_process_sees_events_applied_by_the_first() {
 }
 
 #[tokio::test]
+async fn events_applied_at_once_by_two_processes_resume_with_no_gap_or_repeat() {
+    let app = TestApp::spawn().await;
+    // Both processes consume the status queue, so both ledgers apply events and both
+    // sequencers number them.
+    let second = Running::start(app.settings.clone()).await;
+    let mut tasks = Vec::new();
+    for _ in 0..60 {
+        tasks.push(app.submit_ok(&body()).await);
+    }
+    let mut live = ws_connect(second.port, Some(&app.key), None).await.unwrap();
+    for task in &tasks {
+        app.status_event(*task, 1, 1, progress(10)).await;
+    }
+    let mut frames = Vec::new();
+    for _ in 0..tasks.len() {
+        frames.push(ws_next(&mut live).await["id"].as_str().unwrap().to_owned());
+    }
+    ws_quiet(&mut live, Duration::from_millis(300)).await;
+    let mut unique = frames.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), tasks.len(), "no event twice");
+    assert_eq!(
+        app.count("SELECT count(*) FROM stream_events WHERE position IS NULL")
+            .await,
+        0
+    );
+
+    // Resuming on the other process after the tenth: exactly the rest, in the same order.
+    let mut resumed = ws_connect(app.port(), Some(&app.key), None).await.unwrap();
+    ws_send(&mut resumed, json!({"resume_after": frames[9]})).await;
+    let mut rest = Vec::new();
+    for _ in 10..frames.len() {
+        rest.push(
+            ws_next(&mut resumed).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(rest, frames[10..]);
+    ws_quiet(&mut resumed, Duration::from_millis(300)).await;
+    second.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_websocket_client_too_slow_to_read_is_closed_with_1008() {
     let app = TestApp::spawn().await;
     let task = app.submit_ok(&body()).await;
