@@ -287,6 +287,7 @@ impl TaskLedger {
             pool: self.pool.clone(),
             wake: self.stream_ready.clone(),
             relay: self.outbox_ready.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 

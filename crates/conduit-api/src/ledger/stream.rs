@@ -26,10 +26,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 use uuid::Uuid;
 
 use super::{task::TaskRow, LedgerError, TaskLedger};
+use crate::metrics::Metrics;
 
 /// How far back `resume_after` may reach.
 pub(crate) const RESUME_WINDOW: Duration = Duration::from_secs(24 * 3600);
@@ -119,18 +120,28 @@ const SEQUENCE_BATCH: i64 = 1000;
 /// that died before numbering them, or woken in another process that is busy.
 const SEQUENCE_POLL: Duration = Duration::from_millis(250);
 const SEQUENCE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the backlog gauge is refreshed.
+const SEQUENCE_GAUGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Numbers committed stream events and queues them for the fanout, until stopped.
 pub(crate) struct StreamSequencer {
     pub(super) pool: Pool,
     pub(super) wake: Arc<Notify>,
     pub(super) relay: Arc<Notify>,
+    pub(super) metrics: Metrics,
 }
 
 impl StreamSequencer {
     pub(crate) async fn run(self, stop: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let mut last_gauge = tokio::time::Instant::now() - SEQUENCE_GAUGE_EVERY;
         loop {
+            if last_gauge.elapsed() >= SEQUENCE_GAUGE_EVERY {
+                last_gauge = tokio::time::Instant::now();
+                if let Err(err) = self.refresh_gauge().await {
+                    debug!(error = %format!("{err:#}"), "could not count the events waiting to be numbered");
+                }
+            }
             let pause = match self.sequence_once().await {
                 Ok(n) if n as i64 >= SEQUENCE_BATCH => Duration::ZERO,
                 Ok(n) => {
@@ -160,6 +171,23 @@ impl StreamSequencer {
                 () = stop.cancelled() => return,
             }
         }
+    }
+
+    async fn refresh_gauge(&self) -> anyhow::Result<()> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .context("connecting to the database")?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM stream_events WHERE position IS NULL",
+                &[],
+            )
+            .await
+            .context("counting the events waiting to be numbered")?;
+        self.metrics.stream_unnumbered.set(row.get(0));
+        Ok(())
     }
 
     /// Numbers one batch; returns how many events it numbered.
