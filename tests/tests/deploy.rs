@@ -710,6 +710,7 @@ fn rabbitmq_definitions_declare_the_topology_of_the_code() {
     let expected_exchanges = BTreeMap::from([
         (topology.exchange(), ("direct".to_owned(), true)),
         (topology.control_exchange(), ("fanout".to_owned(), true)),
+        (topology.stream_exchange(), ("fanout".to_owned(), true)),
     ]);
     assert_eq!(exchanges, expected_exchanges);
 

@@ -28,6 +28,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0003_image_url.sql"),
     ),
     (
+        4,
+        "stream events",
+        include_str!("../migrations/0004_stream_events.sql"),
+    ),
+    (
         5,
         "webhook retry, batch and secret rotation",
         include_str!("../migrations/0005_webhook_retry_batch_rotation.sql"),

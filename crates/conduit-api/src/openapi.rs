@@ -10,7 +10,7 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::{error, routes, videos};
+use crate::{error, routes, stream, videos};
 
 struct Security;
 
@@ -81,6 +81,8 @@ fn openapi_json() {}
         routes::webhook_secret,
         routes::rotate_webhook_secret,
         routes::models,
+        stream::sse::task_events,
+        stream::ws::stream,
         videos::download,
         healthz,
         readyz,
@@ -105,6 +107,8 @@ fn openapi_json() {}
         routes::WebhookLogEntry,
         routes::AttemptView,
         routes::Redelivery,
+        stream::ws::StreamFrame,
+        stream::ws::StreamRequest,
         error::ErrorBody,
         error::ErrorDetail,
     )),
@@ -112,6 +116,7 @@ fn openapi_json() {}
     tags(
         (name = "tasks", description = "Submit, follow, cancel and retry video generation tasks"),
         (name = "webhooks", description = "Webhook secret, delivery log and redelivery"),
+        (name = "stream", description = "Real-time events: Server-Sent Events per task, a WebSocket per key"),
         (name = "models", description = "Configured video models"),
         (name = "videos", description = "Finished videos behind signed, expiring URLs"),
         (name = "operations", description = "Health, readiness, metrics"),

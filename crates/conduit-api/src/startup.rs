@@ -32,6 +32,7 @@ use crate::{
     openapi,
     routes::{self, MAX_BODY},
     state::AppState,
+    stream::{self, StreamHub, StreamMetrics},
     videos,
 };
 
@@ -84,6 +85,9 @@ impl App {
             metrics.clone(),
             submit_writers(&settings),
         );
+        let stream = Arc::new(StreamHub::new(
+            StreamMetrics::register(&metrics.registry).context("registering stream metrics")?,
+        ));
         let state = Arc::new(AppState {
             models: ModelCatalog::from_settings(&settings),
             settings,
@@ -93,6 +97,7 @@ impl App {
             key_cache: KeyCache::default(),
             links,
             metrics,
+            stream,
         });
         let listener = TcpListener::bind(&state.settings.http.bind)
             .with_context(|| format!("binding {}", state.settings.http.bind))?;
@@ -199,7 +204,16 @@ fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHan
     let outcomes = consumers.run_outcomes(work.clone());
     let ledger = state.ledger.clone();
     let janitor_stop = work.clone();
+    let stream_ledger = state.ledger.clone();
+    let stream_janitor_stop = work.clone();
     vec![
+        tokio::spawn(state.stream.clone().run(state.broker.clone(), work.clone())),
+        tokio::spawn(state.ledger.stream_sequencer().run(work.clone())),
+        tokio::spawn(async move {
+            stream_ledger
+                .forget_old_stream_events(stream_janitor_stop)
+                .await
+        }),
         tokio::spawn(async move { ledger.forget_old_idempotency_keys(janitor_stop).await }),
         tokio::spawn(relay.run(work.clone())),
         tokio::spawn(status.map(|r| {
@@ -349,6 +363,11 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                 resource("/v1/videos/generations/{task_id}")
                     .route(web::delete().to(routes::cancel)),
             )
+            .service(
+                resource("/v1/videos/generations/tasks/{task_id}/events")
+                    .route(web::get().to(stream::sse::task_events)),
+            )
+            .service(resource("/v1/stream").route(web::get().to(stream::ws::stream)))
             .service(resource("/v1/webhooks/secret").route(web::get().to(routes::webhook_secret)))
             .service(
                 resource("/v1/webhooks/secret/rotate")

@@ -64,6 +64,7 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
         render: None,
         memory: Vec::new(),
         scale_out: None,
+        stream: None,
         notes: Vec::new(),
     };
     let sizes = Sizes::for_mode(options.mode);
@@ -119,6 +120,11 @@ async fn run_phases(
         .await;
         shutdown.cancel();
         result?;
+    }
+
+    // 8. The real-time stream, with its own API and sender processes.
+    if options.runs(Phase::Stream) {
+        report.stream = Some(crate::stream::run(options.mode, options.pace, env).await?);
     }
 
     // 5. Render, last: nothing else runs while it measures.

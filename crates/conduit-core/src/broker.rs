@@ -84,12 +84,14 @@ struct Inner {
     health: Health,
 }
 
-/// Where a message goes: a work queue of the namespace's direct exchange, or every
-/// generator through the control fanout.
+/// Where a message goes: a work queue of the namespace's direct exchange, every
+/// generator through the control fanout, or every API process through the stream fanout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Queue(String),
     Control,
+    /// Not mandatory: with no API process bound, nobody is listening live.
+    Stream,
 }
 
 /// A message ready to publish.
@@ -173,6 +175,8 @@ pub enum Source {
     /// A stream queue, by routing key, read from its first retained message on every
     /// (re)open.
     Stream(String),
+    /// This process's own exclusive queue on the `{ns}.stream` fanout of committed task events.
+    EventFanout,
 }
 
 /// Limits of one consumer.
@@ -299,10 +303,11 @@ impl Broker {
             let exchange = match &m.target {
                 Target::Queue(_) => self.inner.topology.exchange(),
                 Target::Control => self.inner.topology.control_exchange(),
+                Target::Stream => self.inner.topology.stream_exchange(),
             };
             let routing_key = match &m.target {
                 Target::Queue(route) => route.as_str(),
-                Target::Control => "",
+                Target::Control | Target::Stream => "",
             };
             let confirm = live
                 .publish
@@ -378,6 +383,7 @@ impl Broker {
         let label = match &source {
             Source::Queue(r) | Source::Stream(r) => self.inner.topology.queue(r),
             Source::Control => self.inner.topology.control_exchange(),
+            Source::EventFanout => self.inner.topology.stream_exchange(),
         };
         // Beats while a delivery can be taken (a delivery handled, or an idle tick on a
         // usable channel); silent while the consumer is gone: no connection, a channel
@@ -417,7 +423,7 @@ impl Broker {
             // Delivery tags restart on a recovered channel, so each recovery gets a
             // settler of its own; the old one settles (or finds poisoned) what is left.
             let mut settler =
-                (!matches!(source, Source::Control)).then(|| Settler::spawn(channel.clone()));
+                (!matches!(source, Source::Control | Source::EventFanout)).then(|| Settler::spawn(channel.clone()));
             heartbeat.beat();
             // Since when the channel has been seen unusable, if it is now.
             let mut broken_since: Option<tokio::time::Instant> = None;
@@ -477,6 +483,13 @@ impl Broker {
                         if recovered {
                             heartbeat.beat();
                             broken_since = None;
+                            // The recovered channel re-declared this consumer's queue; an
+                            // exclusive one lost what was published meanwhile.
+                            if let (Some(on_open), true) =
+                                (&on_open, matches!(source, Source::EventFanout))
+                            {
+                                on_open.notify_one();
+                            }
                             if settler.is_some() {
                                 settler = Some(Settler::spawn(channel.clone()));
                             }
@@ -542,15 +555,15 @@ impl Broker {
             Source::Queue(route) | Source::Stream(route) => {
                 (self.inner.topology.queue(route), false)
             }
-            Source::Control => {
+            Source::Control | Source::EventFanout => {
+                let exchange = match source {
+                    Source::EventFanout => self.inner.topology.stream_exchange(),
+                    _ => self.inner.topology.control_exchange(),
+                };
                 // Named here, not by the server: lapin's recovery re-declares every queue
                 // of a channel by name, and the broker refuses a client declaring an
                 // `amq.gen-*` name, which would leave the recovery half done.
-                let name = format!(
-                    "{}.{}",
-                    self.inner.topology.control_exchange(),
-                    Uuid::new_v4().simple()
-                );
+                let name = format!("{exchange}.{}", Uuid::new_v4().simple());
                 channel
                     .queue_declare(
                         name.as_str().into(),
@@ -566,7 +579,7 @@ impl Broker {
                 channel
                     .queue_bind(
                         name.as_str().into(),
-                        self.inner.topology.control_exchange().into(),
+                        exchange.as_str().into(),
                         "".into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),

@@ -13,6 +13,8 @@
 //!   └─ {ns}.lifecycle         stream   cancels, checkpoints, marks (also bound to
 //!                                        {ns}.control); every generator reads it whole
 //!  {ns}.control    fanout exchange the API publishes cancels on
+//!  {ns}.stream     fanout exchange of committed task events; each API process binds its
+//!                  own exclusive, auto-delete queue and forwards to its stream clients
 //! ```
 
 use std::time::Duration;
@@ -88,6 +90,11 @@ impl Topology {
         format!("{}.control", self.namespace)
     }
 
+    /// The fanout of committed task events for the real-time stream.
+    pub fn stream_exchange(&self) -> String {
+        format!("{}.stream", self.namespace)
+    }
+
     /// Full queue name for a routing key of [`route`].
     pub fn queue(&self, route: &str) -> String {
         format!("{}.{route}", self.namespace)
@@ -121,6 +128,15 @@ impl Topology {
             )
             .await
             .with_context(|| format!("declaring exchange {}", self.control_exchange()))?;
+        channel
+            .exchange_declare(
+                self.stream_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("declaring exchange {}", self.stream_exchange()))?;
 
         for r in [
             route::JOBS,
@@ -218,6 +234,7 @@ mod tests {
         assert_eq!(t.exchange(), "ns1");
         assert_eq!(t.queue(route::JOBS), "ns1.jobs");
         assert_eq!(t.control_exchange(), "ns1.control");
+        assert_eq!(t.stream_exchange(), "ns1.stream");
         assert_eq!(
             t.queue(&Topology::wait_route(Duration::from_secs(5))),
             "ns1.webhooks.wait.5000"

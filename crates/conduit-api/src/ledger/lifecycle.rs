@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::{
     outbox,
     secrets::{KeySecrets, SECRETS_OF_TASK_KEY},
+    stream,
     task::{job_outgoing, TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks, LedgerError, TaskPage,
 };
@@ -153,15 +154,17 @@ pub(super) async fn cancel(
         .context("marking the task cancelled")?;
     let task = TaskRow::from_row(&row)?;
     outbox::enqueue(&tx, &cancel_message(&task)?).await?;
+    let payload = WebhookPayload::Failed(FailedPayload::cancelled(
+        task.id,
+        now,
+        task.model.clone(),
+        task.prompt.clone(),
+    ));
+    let event_id = stream::new_event_id();
     if task.wants(WebhookEvent::Cancelled) {
-        let payload = WebhookPayload::Failed(FailedPayload::cancelled(
-            task.id,
-            now,
-            task.model.clone(),
-            task.prompt.clone(),
-        ));
-        webhooks::record_event(&tx, &task, &secrets, &payload, now, None).await?;
+        webhooks::record_event(&tx, &task, &secrets, &event_id, &payload, now, None).await?;
     }
+    stream::record(&tx, &task, &event_id, &payload, now).await?;
     tx.commit().await.context("committing cancel")?;
     Ok(task)
 }

@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod outbox;
 mod secrets;
+mod stream;
 mod submits;
 mod task;
 mod webhooks;
@@ -33,6 +34,7 @@ use uuid::Uuid;
 pub(crate) use events::Applied;
 pub(crate) use outbox::OutboxRelay;
 pub(crate) use secrets::KeySecrets;
+pub(crate) use stream::{Only, StreamEvent, StreamSequencer, Terminal, RESUME_WINDOW};
 pub(crate) use submits::SubmitWriter;
 pub(crate) use task::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents};
 pub(crate) use webhooks::{DeliveryRecord, Redelivered};
@@ -110,6 +112,8 @@ pub(crate) struct TaskLedger {
     metrics: Metrics,
     /// Wakes the outbox relay right after a commit wrote outbox rows.
     outbox_ready: Arc<Notify>,
+    /// Wakes the stream sequencer right after a commit recorded stream events.
+    stream_ready: Arc<Notify>,
     submits: submits::SubmitQueue,
     /// The relay's broker, for cancels published before the cancel is answered.
     broker: std::sync::OnceLock<Broker>,
@@ -134,6 +138,7 @@ impl TaskLedger {
             links,
             metrics,
             outbox_ready: Arc::new(Notify::new()),
+            stream_ready: Arc::new(Notify::new()),
             submits,
             broker: std::sync::OnceLock::new(),
         };
@@ -142,6 +147,10 @@ impl TaskLedger {
 
     fn wake_relay(&self) {
         self.outbox_ready.notify_one();
+    }
+
+    fn wake_sequencer(&self) {
+        self.stream_ready.notify_one();
     }
 
     /// Writes a new task and its job; answers once the commit holding it is durable.
@@ -199,6 +208,7 @@ impl TaskLedger {
     pub(crate) async fn cancel(&self, key_id: Uuid, task_id: Uuid) -> Result<TaskRow, LedgerError> {
         let task = lifecycle::cancel(&self.pool, key_id, task_id).await?;
         self.wake_relay();
+        self.wake_sequencer();
         if let Some(broker) = self.broker.get() {
             let message = lifecycle::cancel_message(&task)?;
             match tokio::time::timeout(CANCEL_PUBLISH_PATIENCE, broker.publish(message)).await {
@@ -224,8 +234,9 @@ impl TaskLedger {
     /// Applies a generator's status event.
     pub(crate) async fn apply_status(&self, event: &StatusEvent) -> Result<Applied, LedgerError> {
         let applied = events::apply(&self.pool, &self.links, event).await?;
-        if matches!(applied, Applied::Applied { webhook: true }) {
+        if matches!(applied, Applied::Applied { recorded: true }) {
             self.wake_relay();
+            self.wake_sequencer();
         }
         Ok(applied)
     }
@@ -287,6 +298,17 @@ impl TaskLedger {
             pool: self.pool.clone(),
             broker,
             wake: self.outbox_ready.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// The sequencer that numbers this ledger's stream events and queues them for the
+    /// stream fanout.
+    pub(crate) fn stream_sequencer(&self) -> StreamSequencer {
+        StreamSequencer {
+            pool: self.pool.clone(),
+            wake: self.stream_ready.clone(),
+            relay: self.outbox_ready.clone(),
             metrics: self.metrics.clone(),
         }
     }

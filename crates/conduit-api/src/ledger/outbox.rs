@@ -28,6 +28,7 @@ pub(super) async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> 
     let (target, route) = match &message.target {
         Target::Queue(route) => ("queue", route.as_str()),
         Target::Control => ("control", ""),
+        Target::Stream => ("stream", ""),
     };
     let stmt = client
         .prepare_cached(
@@ -169,10 +170,10 @@ impl OutboxRelay {
                 spans.push(span);
             }
             messages.push(Outgoing {
-                target: if target == "control" {
-                    Target::Control
-                } else {
-                    Target::Queue(route)
+                target: match target.as_str() {
+                    "control" => Target::Control,
+                    "stream" => Target::Stream,
+                    _ => Target::Queue(route),
                 },
                 body: row.get(3),
                 task_id,

@@ -37,23 +37,20 @@ use super::{
 };
 use crate::links::VideoLinks;
 
-/// A fresh `webhook-id`: `msg_` and a time-ordered UUID.
-fn new_webhook_id() -> String {
-    format!("msg_{}", Uuid::now_v7().simple())
-}
-
 fn delivery_outgoing(d: &WebhookDelivery) -> anyhow::Result<Outgoing> {
     Ok(Outgoing::json(route::WEBHOOKS, d)?
         .for_task(d.task_id)
         .with_message_id(d.webhook_id.clone()))
 }
 
-/// Records one webhook event of `task` and queues its delivery. The caller has checked
-/// that the task subscribes to the event.
+/// Records one webhook event of `task` under `webhook_id` (the event's id, shared with
+/// the stream) and queues its delivery. The caller has checked that the task subscribes
+/// to the event.
 pub(super) async fn record_event(
     client: &impl GenericClient,
     task: &TaskRow,
     secrets: &KeySecrets,
+    webhook_id: &str,
     payload: &WebhookPayload,
     occurred_at: DateTime<Utc>,
     video_link: Option<VideoLinkSigner>,
@@ -64,7 +61,7 @@ pub(super) async fn record_event(
         .context("recording a webhook for a task without webhook_url")?;
     let delivery = WebhookDelivery {
         v: SCHEMA_VERSION,
-        webhook_id: new_webhook_id(),
+        webhook_id: webhook_id.to_owned(),
         task_id: task.id,
         event: payload.event(),
         url,

@@ -4,7 +4,9 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-const ROUTES: [(&str, &str); 16] = [
+const ROUTES: [(&str, &str); 18] = [
+    ("get", "/v1/videos/generations/tasks/{task_id}/events"),
+    ("get", "/v1/stream"),
     ("post", "/v1/videos/generations/async"),
     ("get", "/v1/videos/generations/tasks"),
     ("get", "/v1/videos/generations/tasks/{task_id}"),
