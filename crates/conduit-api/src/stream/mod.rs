@@ -81,6 +81,15 @@ impl StreamMetrics {
         registry.register(Box::new(events_sent.clone()))?;
         registry.register(Box::new(slow_disconnects.clone()))?;
         registry.register(Box::new(received.clone()))?;
+        // Every series exists from the start at 0, so dashboards and alerts see it
+        // before the first stream client.
+        for kind in ["sse", "websocket"] {
+            connections.with_label_values(&[kind]);
+            slow_disconnects.with_label_values(&[kind]);
+            for source in ["live", "history"] {
+                events_sent.with_label_values(&[kind, source]);
+            }
+        }
         Ok(Self {
             connections,
             events_sent,
