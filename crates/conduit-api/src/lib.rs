@@ -4,7 +4,7 @@
 //! the webhook delivery log), and the signed, expiring video URLs. No other service
 //! talks to PostgreSQL.
 //!
-//! Layers, top to bottom: HTTP (`routes`, `auth`, `error`, `videos`, `openapi`, with
+//! Layers, top to bottom: HTTP (`routes`, `auth`, `error`, `videos`, `openapi`, `console`, with
 //! `domain` parsing requests) and the broker consumers (`consumers`) call the
 //! [`ledger`]; the ledger talks to the database (`db`). Nothing below imports anything
 //! above it.
@@ -14,6 +14,7 @@ pub mod keys;
 pub mod openapi;
 
 mod auth;
+mod console;
 mod consumers;
 mod domain;
 mod error;

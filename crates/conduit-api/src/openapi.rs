@@ -10,7 +10,7 @@ use utoipa::{
     Modify, OpenApi,
 };
 
-use crate::{error, routes, stream, videos};
+use crate::{console, error, routes, stream, videos};
 
 struct Security;
 
@@ -89,6 +89,9 @@ fn openapi_json() {}
         metrics,
         openapi_json,
         docs_page,
+        console::page,
+        console::style,
+        console::script,
     ),
     components(schemas(
         routes::GenerationBody,
@@ -120,6 +123,7 @@ fn openapi_json() {}
         (name = "models", description = "Configured video models"),
         (name = "videos", description = "Finished videos behind signed, expiring URLs"),
         (name = "operations", description = "Health, readiness, metrics"),
+        (name = "console", description = "The browser console: static files that call the routes above with the key the user pastes"),
     )
 )]
 pub(crate) struct ApiDoc;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 use crate::{
+    console,
     consumers::{self, Consumers},
     db::{self, is_unavailable},
     domain::ModelCatalog,
@@ -339,6 +340,9 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
             .configure(ops::configure(ops_state.clone()))
             .service(resource("/openapi.json").route(web::get().to(openapi::serve)))
             .service(resource("/docs").route(web::get().to(openapi::reference)))
+            .service(resource("/console").route(web::get().to(console::page)))
+            .service(resource("/console/console.css").route(web::get().to(console::style)))
+            .service(resource("/console/console.js").route(web::get().to(console::script)))
             .service(resource("/v1/videos/generations/async").route(web::post().to(routes::submit)))
             .service(
                 resource("/v1/videos/generations/tasks").route(web::get().to(routes::list_tasks)),

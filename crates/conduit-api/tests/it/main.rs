@@ -10,6 +10,7 @@ mod auth;
 mod batching;
 mod cancel;
 mod cli;
+mod console;
 mod delivery_options;
 mod errors;
 mod idempotency;

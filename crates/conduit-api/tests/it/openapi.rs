@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-const ROUTES: [(&str, &str); 18] = [
+const ROUTES: [(&str, &str); 21] = [
     ("get", "/v1/videos/generations/tasks/{task_id}/events"),
     ("get", "/v1/stream"),
     ("post", "/v1/videos/generations/async"),
@@ -23,6 +23,9 @@ const ROUTES: [(&str, &str); 18] = [
     ("get", "/v1/videos/files/{task_id}"),
     ("get", "/openapi.json"),
     ("get", "/docs"),
+    ("get", "/console"),
+    ("get", "/console/console.css"),
+    ("get", "/console/console.js"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
