@@ -158,7 +158,10 @@ async fn type_into(client: &Client, css: &str, text: &str) {
         .find(Locator::Css(css))
         .await
         .unwrap_or_else(|e| panic!("{css}: {e}"));
-    field.clear().await.unwrap_or_else(|e| panic!("clear {css}: {e}"));
+    field
+        .clear()
+        .await
+        .unwrap_or_else(|e| panic!("clear {css}: {e}"));
     field
         .send_keys(text)
         .await
@@ -197,15 +200,19 @@ async fn console_follows_a_task_plays_its_video_and_redelivers_its_webhook() {
 
     // Earlier tasks, so the list has more than one status to show.
     let done = stack
-        .submit_ok(&json!({"model": "local-video", "prompt": "Harbour at dawn, gulls over still water",
-                           "duration": 1, "size": "320x180", "fps": 12}))
+        .submit_ok(
+            &json!({"model": "local-video", "prompt": "Harbour at dawn, gulls over still water",
+                           "duration": 1, "size": "320x180", "fps": 12}),
+        )
         .await;
     stack
         .wait_status(&done, "completed", Duration::from_secs(60))
         .await;
     let stopped = stack
-        .submit_ok(&json!({"model": "local-video", "prompt": "A night train crossing a snowy valley",
-                           "duration": 30, "size": "1280x720"}))
+        .submit_ok(
+            &json!({"model": "local-video", "prompt": "A night train crossing a snowy valley",
+                           "duration": 30, "size": "1280x720"}),
+        )
         .await;
     let r = stack
         .http
@@ -367,7 +374,8 @@ async fn console_follows_a_task_plays_its_video_and_redelivers_its_webhook() {
     assert!(position.as_f64().unwrap_or(0.0) > 0.5);
 
     // The delivery log: the completed webhook, delivered once.
-    let completed = "document.querySelectorAll(\"article.delivery[data-event='completed'] tr.attempt\").length";
+    let completed =
+        "document.querySelectorAll(\"article.delivery[data-event='completed'] tr.attempt\").length";
     until(&client, "the completed webhook's first attempt", completed).await;
     until(
         &client,
@@ -380,7 +388,6 @@ async fn console_follows_a_task_plays_its_video_and_redelivers_its_webhook() {
         "const v = document.getElementById('task-video'); v.pause(); v.currentTime = 2; return true;",
     )
     .await;
-    screenshot(&client, "task.png", 1280, 1500).await;
     let before = js(&client, &format!("return {completed};")).await;
     assert_eq!(before, json!(1));
 
@@ -398,15 +405,22 @@ async fn console_follows_a_task_plays_its_video_and_redelivers_its_webhook() {
         .map(|h| h.json())
         .filter(|b| b["task_id"] == task_id.as_str() && b["status"] == "completed")
         .collect();
-    assert_eq!(hooks.len(), 2, "the receiver got the completed webhook twice");
+    assert_eq!(
+        hooks.len(),
+        2,
+        "the receiver got the completed webhook twice"
+    );
 
+    screenshot(&client, "task.png", 1280, 1500).await;
     // On a phone: the same page, one column.
     screenshot(&client, "task-phone.png", 390, 1400).await;
 
     // The list, with a task still running beside the finished ones.
     let running = stack
-        .submit_ok(&json!({"model": "local-video", "prompt": "Time-lapse of clouds over a mountain lake",
-                           "duration": 20, "size": "1280x720", "fps": 24}))
+        .submit_ok(
+            &json!({"model": "local-video", "prompt": "Time-lapse of clouds over a mountain lake",
+                           "duration": 20, "size": "1280x720", "fps": 24}),
+        )
         .await;
     client
         .set_window_size(1280, 900)
@@ -440,6 +454,42 @@ async fn console_follows_a_task_plays_its_video_and_redelivers_its_webhook() {
         ),
     )
     .await;
+
+    // The webhook secret: shown on demand, rotated after a confirmation.
+    click(&client, "a[data-route='secret']").await;
+    assert_eq!(
+        js(&client, "return document.getElementById('secret-value');").await,
+        Value::Null,
+        "the secret is not shown before it is asked for"
+    );
+    click(&client, "#show-secret").await;
+    let shown = until(
+        &client,
+        "the secret",
+        "document.getElementById('secret-value') && document.getElementById('secret-value').value",
+    )
+    .await;
+    assert_eq!(shown, json!(stack.secret));
+    click(&client, "#rotate-secret").await;
+    client.accept_alert().await.expect("confirm the rotation");
+    let rotated = until(
+        &client,
+        "the rotated secret",
+        &format!(
+            "(() => {{ const v = document.getElementById('secret-value').value;
+                       return v !== '{}' && v; }})()",
+            stack.secret
+        ),
+    )
+    .await;
+    let (_, current) = stack.get("/v1/webhooks/secret").await;
+    assert_eq!(current["secret"], rotated, "the page shows the new secret");
+    click(&client, "#hide-secret").await;
+    assert_eq!(
+        js(&client, "return document.getElementById('secret-value');").await,
+        Value::Null,
+        "hidden again"
+    );
 
     client.close().await.expect("close the browser");
     drop(driver);

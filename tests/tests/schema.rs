@@ -69,6 +69,8 @@ async fn every_route_answers_unsupported_methods_with_405_and_allow() {
         ("DELETE", "/metrics", "GET, HEAD"),
         ("PUT", "/openapi.json", "GET"),
         ("POST", "/docs", "GET"),
+        ("POST", "/console", "GET"),
+        ("DELETE", "/console/console.js", "GET"),
         ("GET", "/v1/videos/generations/async", "POST"),
         ("TRACE", "/v1/videos/generations/tasks", "GET"),
         (

@@ -110,6 +110,7 @@ fn openapi_json() {}
         routes::WebhookLogEntry,
         routes::AttemptView,
         routes::Redelivery,
+        stream::sse::SseEvent,
         stream::ws::StreamFrame,
         stream::ws::StreamRequest,
         error::ErrorBody,

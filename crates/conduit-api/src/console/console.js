@@ -491,6 +491,7 @@
     const cancelBtn = h("button", { type: "button", class: "danger", id: "cancel-task", text: "Cancel task", hidden: true });
     const retryBtn = h("button", { type: "button", id: "retry-task", text: "Retry task", hidden: true });
     const redeliverBtn = h("button", { type: "button", id: "redeliver", text: "Redeliver last webhook", disabled: true });
+    // Newest event first: the terminal webhook, the one worth replaying, leads.
     const deliveries = h("div", { id: "deliveries", "aria-live": "polite" });
     const redeliverStatus = h("p", { id: "redeliver-status", role: "status", class: "hint" });
     let task = null;
@@ -607,12 +608,14 @@
       }
     }
 
-    function attemptRow(a) {
+    // Numbered in the order they were made: a redelivery starts a fresh schedule, so the
+    // API's own attempt numbers start again at 1.
+    function attemptRow(a, index) {
       const result = a.status_code !== undefined ? `HTTP ${a.status_code}` : a.error || "";
       return h(
         "tr",
         { class: "attempt" },
-        h("td", { "data-label": "Attempt", text: a.attempt }),
+        h("td", { "data-label": "Attempt", text: index + 1 }),
         h("td", { "data-label": "Time" }, timeEl(a.attempted_at)),
         h("td", { "data-label": "Result", class: a.status_code >= 200 && a.status_code < 300 ? "" : "error", text: result }),
         h("td", { "data-label": "Duration", text: `${a.duration_ms} ms` }),
@@ -654,7 +657,7 @@
       lastLog = text;
       deliveries.replaceChildren(
         ...(log.data.length
-          ? log.data.map(deliveryEntry)
+          ? log.data.slice().reverse().map(deliveryEntry)
           : [h("p", { class: "hint", text: "No webhooks: the task has no webhook_url, or none was due yet." })]),
       );
     }

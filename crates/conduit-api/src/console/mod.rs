@@ -67,7 +67,10 @@ fn asset(
         .insert_header((header::X_FRAME_OPTIONS, "DENY"))
         .insert_header((header::REFERRER_POLICY, "no-referrer"))
         .insert_header(("Cross-Origin-Opener-Policy", "same-origin"))
-        .insert_header(("Permissions-Policy", "camera=(), microphone=(), geolocation=()"));
+        .insert_header((
+            "Permissions-Policy",
+            "camera=(), microphone=(), geolocation=()",
+        ));
     if let Ok(value) = HeaderValue::from_str(&policy) {
         response.insert_header((header::CONTENT_SECURITY_POLICY, value));
     }
@@ -138,8 +141,14 @@ mod tests {
     fn the_page_loads_only_embedded_files() {
         assert!(INDEX.contains(r#"src="/console/console.js""#));
         assert!(INDEX.contains(r#"href="/console/console.css""#));
-        assert!(!INDEX.contains("<script>"), "no inline script: the policy forbids it");
-        assert!(!INDEX.contains("style="), "no inline style: the policy forbids it");
+        assert!(
+            !INDEX.contains("<script>"),
+            "no inline script: the policy forbids it"
+        );
+        assert!(
+            !INDEX.contains("style="),
+            "no inline style: the policy forbids it"
+        );
         for file in [INDEX, SCRIPT, STYLE] {
             assert!(
                 !file.contains("src=\"http") && !file.contains("url(http"),

@@ -7,6 +7,7 @@ use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, Instrument};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{Follow, Follower, Wake};
@@ -33,6 +34,20 @@ pub(crate) fn record(event: &StreamEvent) -> Bytes {
     ))
 }
 
+/// One event of the stream as a Server-Sent Events client parses it, for the OpenAPI
+/// description (on OpenAPI 3.1 the `text/event-stream` schema is the schema of one event).
+#[allow(dead_code)]
+#[derive(ToSchema)]
+pub(crate) struct SseEvent {
+    /// The event id, the webhook's `webhook-id`; send it as `Last-Event-ID` to resume.
+    id: String,
+    /// `progress`, `completed`, `failed` or `cancelled`.
+    event: String,
+    /// The exact webhook payload, as JSON text.
+    #[schema(content_media_type = "application/json")]
+    data: String,
+}
+
 /// Stream a task's events (Server-Sent Events).
 ///
 /// First every event of the task that already happened, then live ones; the stream ends
@@ -49,7 +64,7 @@ pub(crate) fn record(event: &StreamEvent) -> Bytes {
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id of the task"),
     ),
     responses(
-        (status = 200, description = "`text/event-stream`: `id:`, `event:` and `data:` (the webhook payload JSON) per event", content_type = "text/event-stream", body = String),
+        (status = 200, description = "`text/event-stream`: `id:`, `event:` and `data:` (the webhook payload JSON) per event", content_type = "text/event-stream", body = SseEvent),
         (status = 400, description = "`Last-Event-ID` names no event of this task", body = crate::error::ErrorBody),
         (status = 401, body = crate::error::ErrorBody),
         (status = 404, description = "Unknown task, another key's task, or not a UUID", body = crate::error::ErrorBody),
