@@ -62,6 +62,20 @@ pub fn job_message_id(task_id: Uuid, attempt: i32) -> String {
     format!("{task_id}:{attempt}")
 }
 
+impl JobMessage {
+    /// The broker message id of this job, [`job_message_id`].
+    pub fn message_id(&self) -> String {
+        job_message_id(self.task_id, self.attempt)
+    }
+}
+
+/// The broker message id of the job of a task's attempt: `{task_id}:{attempt}`. Every
+/// publish of one attempt (the outbox relay, a re-publish, a generator's hand-back)
+/// carries the same id, so a copy is recognisable as the same job.
+pub fn job_message_id(task_id: Uuid, attempt: i32) -> String {
+    format!("{task_id}:{attempt}")
+}
+
 /// What a status event says about a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -316,6 +330,33 @@ mod tests {
         assert!(json.get("eta_seconds").is_none());
         let back: StatusEvent = serde_json::from_value(json).unwrap();
         assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn a_job_message_id_is_task_and_attempt() {
+        let task_id = Uuid::from_u128(0x0192_0d4b_7c3e_7a11_9f2e_5b6c_7d8e_9f01);
+        assert_eq!(
+            job_message_id(task_id, 3),
+            "01920d4b-7c3e-7a11-9f2e-5b6c7d8e9f01:3"
+        );
+        let job = JobMessage {
+            v: SCHEMA_VERSION,
+            task_id,
+            attempt: 2,
+            model: "local-video".into(),
+            provider: "local".into(),
+            upstream_model: None,
+            prompt: "p".into(),
+            spec: RenderSpec {
+                duration_seconds: 1,
+                width: 64,
+                height: 64,
+                fps: 1,
+                seed: None,
+            },
+            submitted_at: crate::time::now_millis(),
+        };
+        assert_eq!(job.message_id(), job_message_id(task_id, 2));
     }
 
     #[test]

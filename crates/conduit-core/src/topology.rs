@@ -29,6 +29,10 @@ pub mod route {
     pub const WEBHOOKS: &str = "webhooks";
     pub const OUTCOMES: &str = "webhook-outcomes";
     pub const DEAD_WEBHOOKS: &str = "webhooks.dead";
+
+    /// Every durable quorum queue of a stack: all queues but the wait buckets
+    /// ([`super::WAIT_BUCKETS`]) and the generators' own control queues.
+    pub const QUORUM_QUEUES: [&str; 5] = [JOBS, STATUS, WEBHOOKS, OUTCOMES, DEAD_WEBHOOKS];
 }
 
 /// Delays of the webhook wait queues. A delivery due later than the largest bucket is
@@ -114,13 +118,7 @@ impl Topology {
             .await
             .with_context(|| format!("declaring exchange {}", self.control_exchange()))?;
 
-        for r in [
-            route::JOBS,
-            route::STATUS,
-            route::WEBHOOKS,
-            route::OUTCOMES,
-            route::DEAD_WEBHOOKS,
-        ] {
+        for r in route::QUORUM_QUEUES {
             let mut args = FieldTable::default();
             args.insert(
                 "x-queue-type".into(),

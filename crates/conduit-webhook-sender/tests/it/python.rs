@@ -165,7 +165,7 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
         h.publish(&d).await;
     }
     h.finals(&ids, Duration::from_secs(20)).await;
-    let out = run_with_cases(VERIFY_WITH_REFERENCE, crate::SECRET, &receiver.requests()).await;
+    let out = run_with_cases(VERIFY_WITH_REFERENCE, crate::SECRET, &receiver.received()).await;
     assert!(
         out.status.success(),
         "the reference library refused our signature: {}",
@@ -183,7 +183,7 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
 pub(crate) async fn run_with_cases(
     script: &str,
     secret: &str,
-    requests: &[crate::Captured],
+    requests: &[conduit_testkit::ReceivedWebhook],
 ) -> std::process::Output {
     let cases: Vec<serde_json::Value> = requests
         .iter()
