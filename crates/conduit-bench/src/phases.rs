@@ -44,7 +44,7 @@ const PROMPT: &str = "A serene mountain landscape with clouds";
 const HANGING_SHARE: usize = 5; // one in five: 20 %
 
 /// A webhook receiver answering 200 at once that keeps counts and arrival times only.
-async fn receiver() -> anyhow::Result<Receiver> {
+async fn counting_receiver() -> anyhow::Result<Receiver> {
     Receiver::builder().counting_only().bind().await
 }
 
@@ -259,7 +259,7 @@ async fn delivery_phases(
         }
 
         // 2b. One sender draining the same number of webhooks.
-        let receiver = receiver().await?;
+        let receiver = counting_receiver().await?;
         preload(broker, &receiver.url("/hook"), secret, n).await?;
         let mut proc = env.spawn("conduit-webhook-sender", 0, &[])?;
         proc.wait_ready(READY).await?;
@@ -276,7 +276,7 @@ async fn delivery_phases(
 
         // 2c. wrk against a receiver of its own, same body.
         let wrk = if baseline::have("wrk") {
-            let wrk_receiver = receiver().await?;
+            let wrk_receiver = counting_receiver().await?;
             let body = sample_body();
             match baseline::wrk(
                 &env.dir,
@@ -324,7 +324,7 @@ async fn delivery_phases(
         if pace.is_none() {
             let mut proc = env.spawn("conduit-webhook-sender", 0, &[])?;
             proc.wait_ready(READY).await?;
-            let receiver = receiver().await?;
+            let receiver = counting_receiver().await?;
             let s = sustained(broker, secret, &receiver, sizes, &proc).await?;
             proc.terminate(STOP_GRACE);
             purge(&outcomes).await;
@@ -362,7 +362,7 @@ async fn delivery_phases(
         let mut paced_runs = Vec::new();
         let mut isolation_runs = Vec::new();
         for _ in 0..sizes.latency_rounds {
-            let healthy = receiver().await?;
+            let healthy = counting_receiver().await?;
             let run = paced(
                 broker,
                 secret,
@@ -379,7 +379,7 @@ async fn delivery_phases(
 
             // 4. The same with one event in five going to a receiver that hangs.
             if options.runs(Phase::Isolation) {
-                let healthy = receiver().await?;
+                let healthy = counting_receiver().await?;
                 let hanging = Receiver::builder()
                     .counting_only()
                     .hanging(sizes.hang)
@@ -449,7 +449,7 @@ async fn delivery_phases(
 
     // 7. Two senders on the same queue.
     if options.runs(Phase::ScaleOut) {
-        let receiver = receiver().await?;
+        let receiver = counting_receiver().await?;
         preload(broker, &receiver.url("/hook"), secret, n).await?;
         let mut a = env.spawn("conduit-webhook-sender", 1, &[])?;
         let mut b = env.spawn("conduit-webhook-sender", 2, &[])?;

@@ -62,7 +62,7 @@ async fn the_guard_refuses_loopback_in_every_spelling() {
     let receiver = Receiver::answering(200).await;
     let app = h.start_app().await;
 
-    let port = receiver.port;
+    let port = receiver.port();
     let urls = [
         format!("http://127.0.0.1:{port}/hook"),
         format!("http://localhost:{port}/hook"),

@@ -67,10 +67,7 @@ async fn the_seed_flask_handler_accepts_our_webhooks() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let script = dir.join("handler.py");
     std::fs::write(&script, format!("{PREAMBLE}{SEED_HANDLER}{MAIN}")).expect("script written");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("address").port()
-    };
+    let port = conduit_testkit::stack::free_port().expect("free port");
     let mut child = tokio::process::Command::new("python3")
         .arg(&script)
         .arg(port.to_string())
