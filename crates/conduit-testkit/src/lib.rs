@@ -3,6 +3,9 @@
 //! ([`stack`]), a service running inside the test process ([`RunningApp`]), and
 //! [`eventually`].
 //!
+//! A new provider's fake belongs in `fakes/<provider>.rs`, a submodule of [`fakes`]
+//! next to the existing ones, with its [`Protocol`] variant.
+//!
 //! It is a dev-dependency of the services' tests and the system tests, and a dependency
 //! of the benchmark tool; a service crate never depends on it in `[dependencies]`.
 //! It knows no service crate either: a test builds its service and hands the kit the
