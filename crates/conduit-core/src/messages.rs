@@ -62,20 +62,6 @@ pub fn job_message_id(task_id: Uuid, attempt: i32) -> String {
     format!("{task_id}:{attempt}")
 }
 
-impl JobMessage {
-    /// The broker message id of this job, [`job_message_id`].
-    pub fn message_id(&self) -> String {
-        job_message_id(self.task_id, self.attempt)
-    }
-}
-
-/// The broker message id of the job of a task's attempt: `{task_id}:{attempt}`. Every
-/// publish of one attempt (the outbox relay, a re-publish, a generator's hand-back)
-/// carries the same id, so a copy is recognisable as the same job.
-pub fn job_message_id(task_id: Uuid, attempt: i32) -> String {
-    format!("{task_id}:{attempt}")
-}
-
 /// What a status event says about a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -355,6 +341,7 @@ mod tests {
                 seed: None,
             },
             submitted_at: crate::time::now_millis(),
+            image_url: None,
         };
         assert_eq!(job.message_id(), job_message_id(task_id, 2));
     }

@@ -225,6 +225,13 @@ impl Receiver {
         Self::builder().replying(behaviour).start().await
     }
 
+    /// Records every request and answers with `script` in order, the last reply
+    /// repeating.
+    pub async fn scripted(script: Vec<Reply>) -> Self {
+        assert!(!script.is_empty(), "a scripted receiver needs at least one reply");
+        Self::replying(move |n, _| script[n.min(script.len() - 1)].clone()).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

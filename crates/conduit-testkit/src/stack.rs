@@ -28,6 +28,18 @@ pub fn debug_bin_dir() -> PathBuf {
         .join("debug")
 }
 
+/// Path of a workspace binary in [`debug_bin_dir`]; panics, saying how to build it,
+/// when it is missing (for tests that start one binary by themselves).
+pub fn binary(name: &str) -> PathBuf {
+    let path = debug_bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which ./scripts/test does)",
+        path.display()
+    );
+    path
+}
+
 /// What every service process of one run shares: where the binaries are, a folder for
 /// logs and videos, the namespace, the database and the `CONDUIT__...` variables.
 #[derive(Debug, Clone)]
