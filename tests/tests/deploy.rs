@@ -638,6 +638,13 @@ fn expected_queues(topology: &Topology) -> BTreeMap<String, Json> {
     for r in route::QUORUM_QUEUES {
         queues.insert(topology.queue(r), json!({"x-queue-type": "quorum"}));
     }
+    queues.insert(
+        topology.queue(route::LIFECYCLE),
+        json!({
+            "x-queue-type": "stream",
+            "x-max-age": format!("{}s", conduit_core::topology::LIFECYCLE_RETENTION.as_secs()),
+        }),
+    );
     for delay in WAIT_BUCKETS {
         queues.insert(
             topology.queue(&Topology::wait_route(delay)),
@@ -697,11 +704,12 @@ fn rabbitmq_definitions_declare_the_topology_of_the_code() {
     let expected_exchanges = BTreeMap::from([
         (topology.exchange(), ("direct".to_owned(), true)),
         (topology.control_exchange(), ("fanout".to_owned(), true)),
+        (topology.stream_exchange(), ("fanout".to_owned(), true)),
     ]);
     assert_eq!(exchanges, expected_exchanges);
 
-    // Each queue hangs off the direct exchange under its short name; generators bind
-    // their own exclusive control queues at run time, so the fanout has no binding here.
+    // Each queue hangs off the direct exchange under its short name; the fanout feeds
+    // the lifecycle stream.
     let bindings: BTreeSet<(String, String, String, String)> = array(&defs, "bindings")
         .iter()
         .map(|b| {
@@ -715,7 +723,7 @@ fn rabbitmq_definitions_declare_the_topology_of_the_code() {
         })
         .collect();
     let prefix = format!("{}.", topology.namespace());
-    let expected_bindings: BTreeSet<_> = expected
+    let mut expected_bindings: BTreeSet<_> = expected
         .keys()
         .map(|queue| {
             let short = queue
@@ -729,6 +737,12 @@ fn rabbitmq_definitions_declare_the_topology_of_the_code() {
             )
         })
         .collect();
+    expected_bindings.insert((
+        topology.control_exchange(),
+        topology.queue(route::LIFECYCLE),
+        "queue".to_owned(),
+        String::new(),
+    ));
     assert_eq!(bindings, expected_bindings);
 }
 

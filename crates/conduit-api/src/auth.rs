@@ -15,7 +15,7 @@ pub(crate) struct Caller {
 }
 
 /// The key the request presents, if any.
-fn presented_key(req: &HttpRequest) -> Option<&str> {
+pub(crate) fn presented_key(req: &HttpRequest) -> Option<&str> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)

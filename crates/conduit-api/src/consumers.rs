@@ -85,13 +85,13 @@ async fn on_status(
             return Disposition::Requeue;
         };
         match applied {
-            Applied::Applied { webhook } => {
+            Applied::Applied { recorded } => {
                 state
                     .metrics
                     .ledger_events
                     .with_label_values(&["applied"])
                     .inc();
-                debug!(webhook, "applied status event");
+                debug!(recorded, "applied status event");
                 if event.kind.is_terminal() {
                     info!("task reached its terminal state");
                 }

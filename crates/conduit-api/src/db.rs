@@ -28,9 +28,24 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0003_image_url.sql"),
     ),
     (
+        4,
+        "stream events",
+        include_str!("../migrations/0004_stream_events.sql"),
+    ),
+    (
         5,
         "webhook retry, batch and secret rotation",
         include_str!("../migrations/0005_webhook_retry_batch_rotation.sql"),
+    ),
+    (
+        6,
+        "outbox traceparent",
+        include_str!("../migrations/0006_outbox_traceparent.sql"),
+    ),
+    (
+        7,
+        "one webhook per task in flight",
+        include_str!("../migrations/0007_webhook_order.sql"),
     ),
 ];
 

@@ -23,6 +23,7 @@ mod metrics;
 mod routes;
 mod startup;
 mod state;
+mod stream;
 mod videos;
 mod webhook_options;
 

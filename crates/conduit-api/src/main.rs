@@ -67,14 +67,19 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(Service::Api, cli.config.as_deref())?;
-    telemetry::init(&settings.log);
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
+            let telemetry = telemetry::init_service(&settings, Service::Api);
             let shutdown = ops::shutdown_on_signals();
-            let app = App::build(settings).await?;
-            app.run_until_stopped(shutdown).await
+            let result = match App::build(settings).await {
+                Ok(app) => app.run_until_stopped(shutdown).await,
+                Err(err) => Err(err),
+            };
+            telemetry.shutdown().await;
+            result
         }
         Command::Migrate => {
+            telemetry::init(&settings.log);
             let pool = db::connect_and_migrate(&settings.database).await?;
             pool.close();
             eprintln!("migrations applied");
@@ -85,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { action } => {
+            telemetry::init(&settings.log);
             let pool = db::connect_and_migrate(&settings.database).await?;
             let result = keys_command(&pool, action).await;
             pool.close();

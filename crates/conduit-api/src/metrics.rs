@@ -15,6 +15,7 @@ pub(crate) struct Metrics {
     pub(crate) outbox_oldest_age_seconds: IntGauge,
     pub(crate) outbox_published: IntCounter,
     pub(crate) outbox_publish_failures: IntCounter,
+    pub(crate) stream_unnumbered: IntGauge,
     pub(crate) ledger_events: IntCounterVec,
     pub(crate) webhook_outcomes: IntCounterVec,
 }
@@ -61,6 +62,10 @@ impl Metrics {
             "conduit_api_outbox_oldest_age_seconds",
             "Age of the oldest unpublished outbox row",
         )?;
+        let stream_unnumbered = IntGauge::new(
+            "conduit_api_stream_unnumbered",
+            "Committed stream events the sequencer has not numbered (and published) yet",
+        )?;
         let outbox_published = IntCounter::new(
             "conduit_api_outbox_published_total",
             "Outbox messages published to RabbitMQ (confirmed)",
@@ -91,8 +96,10 @@ impl Metrics {
         registry.register(Box::new(outbox_oldest_age_seconds.clone()))?;
         registry.register(Box::new(outbox_published.clone()))?;
         registry.register(Box::new(outbox_publish_failures.clone()))?;
+        registry.register(Box::new(stream_unnumbered.clone()))?;
         registry.register(Box::new(ledger_events.clone()))?;
         registry.register(Box::new(webhook_outcomes.clone()))?;
+        conduit_core::ops::register_process_metrics(&registry)?;
         Ok(Self {
             registry,
             http_requests,
@@ -103,6 +110,7 @@ impl Metrics {
             outbox_oldest_age_seconds,
             outbox_published,
             outbox_publish_failures,
+            stream_unnumbered,
             ledger_events,
             webhook_outcomes,
         })

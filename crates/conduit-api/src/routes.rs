@@ -418,7 +418,8 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
     path = "/v1/videos/generations/async",
     tag = "tasks",
     request_body(content = GenerationBody, content_type = "application/json"),
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes a retried submit safe for 24 h")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]([ -~]{0,253}[!-~])?$",
+        description = "Makes a retried submit safe for 24 h: 1 to 255 printable ASCII characters")),
     responses(
         (status = 202, description = "The task is durably recorded", body = SubmitResponse,
             headers(("Location" = String, description = "The task's status URL"))),
@@ -508,9 +509,9 @@ pub(crate) async fn get_task(
     path = "/v1/videos/generations/tasks",
     tag = "tasks",
     params(
-        ("status" = Option<String>, Query, description = "Only tasks in this status"),
-        ("limit" = Option<i64>, Query, description = "1 to 100, default 20"),
-        ("after" = Option<String>, Query, description = "Task id of the last task of the previous page"),
+        ("status" = Option<TaskStatusParam>, Query, description = "Only tasks in this status"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 100, description = "Page size, 1 to 100, default 20"),
+        ("after" = Option<uuid::Uuid>, Query, description = "Task id of the last task of the previous page"),
     ),
     responses(
         (status = 200, body = TaskList),
@@ -529,7 +530,6 @@ pub(crate) async fn list_tasks(
     let mut after = None;
     for (name, value) in query.into_inner() {
         match name.as_str() {
-            "status" if value.is_empty() => {}
             "status" => {
                 status = Some(TaskStatus::parse(&value).ok_or_else(|| {
                     FieldError::invalid(
@@ -538,7 +538,6 @@ pub(crate) async fn list_tasks(
                     )
                 })?)
             }
-            "limit" if value.is_empty() => {}
             "limit" => {
                 limit = value
                     .parse::<i64>()
@@ -548,7 +547,6 @@ pub(crate) async fn list_tasks(
                         FieldError::invalid("limit", "limit must be an integer from 1 to 100")
                     })?
             }
-            "after" if value.is_empty() => {}
             "after" => {
                 after = Some(Uuid::parse_str(&value).map_err(|_| {
                     FieldError::invalid("after", "after must be the id of one of your tasks")
@@ -785,6 +783,18 @@ pub(crate) async fn models(_caller: Caller, state: web::Data<AppState>) -> HttpR
     })
 }
 
+/// The `status` filter of the task list.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub(crate) enum TaskStatusParam {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
 /// Answers unknown routes.
 pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound(format!(
@@ -794,7 +804,17 @@ pub(crate) async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError
     )))
 }
 
-/// Answers known routes called with a method they do not support.
-pub(crate) async fn method_not_allowed(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed(req.method().to_string()))
+/// Answers known routes called with a method they do not support: 405 with the `Allow`
+/// header RFC 9110 requires, listing the methods the OpenAPI document gives the route.
+pub(crate) async fn method_not_allowed(req: HttpRequest) -> HttpResponse {
+    use actix_web::{http::header, ResponseError};
+    let mut response = ApiError::MethodNotAllowed(req.method().to_string()).error_response();
+    let allow = req
+        .match_pattern()
+        .and_then(|pattern| crate::openapi::allowed_methods(&pattern))
+        .and_then(|allow| header::HeaderValue::from_str(&allow).ok());
+    if let Some(allow) = allow {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
+    response
 }

@@ -11,14 +11,14 @@ use actix_web::{
 use anyhow::Context;
 use conduit_core::{
     config::Settings,
-    ops::{self, OpsState, ReadyCheck},
+    ops::{self, LiveCheck, OpsState, ReadyCheck},
     storage::VideoStore,
     Broker,
 };
 use futures::FutureExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::{
     consumers::{self, Consumers},
@@ -32,6 +32,7 @@ use crate::{
     openapi,
     routes::{self, MAX_BODY},
     state::AppState,
+    stream::{self, StreamHub, StreamMetrics},
     videos,
 };
 
@@ -84,6 +85,9 @@ impl App {
             metrics.clone(),
             submit_writers(&settings),
         );
+        let stream = Arc::new(StreamHub::new(
+            StreamMetrics::register(&metrics.registry).context("registering stream metrics")?,
+        ));
         let state = Arc::new(AppState {
             models: ModelCatalog::from_settings(&settings),
             settings,
@@ -93,6 +97,7 @@ impl App {
             key_cache: KeyCache::default(),
             links,
             metrics,
+            stream,
         });
         let listener = TcpListener::bind(&state.settings.http.bind)
             .with_context(|| format!("binding {}", state.settings.http.bind))?;
@@ -199,7 +204,16 @@ fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHan
     let outcomes = consumers.run_outcomes(work.clone());
     let ledger = state.ledger.clone();
     let janitor_stop = work.clone();
+    let stream_ledger = state.ledger.clone();
+    let stream_janitor_stop = work.clone();
     vec![
+        tokio::spawn(state.stream.clone().run(state.broker.clone(), work.clone())),
+        tokio::spawn(state.ledger.stream_sequencer().run(work.clone())),
+        tokio::spawn(async move {
+            stream_ledger
+                .forget_old_stream_events(stream_janitor_stop)
+                .await
+        }),
         tokio::spawn(async move { ledger.forget_old_idempotency_keys(janitor_stop).await }),
         tokio::spawn(relay.run(work.clone())),
         tokio::spawn(status.map(|r| {
@@ -215,17 +229,34 @@ fn spawn_workers(state: &Arc<AppState>, work: &CancellationToken) -> Vec<JoinHan
     ]
 }
 
+/// Ready while the database answers. Not the broker: the outbox takes submits while
+/// RabbitMQ is away (its lag shows in `/metrics`, a relay that stalls in `/healthz`).
 fn ready_check(state: &Arc<AppState>) -> ReadyCheck {
     let state = state.clone();
     ReadyCheck::new(move || {
         let state = state.clone();
-        async move {
-            if !state.broker.is_ready() {
-                return false;
-            }
-            state.ledger.reachable(Duration::from_secs(2)).await
-        }
+        async move { state.ledger.reachable(Duration::from_secs(2)).await }
     })
+}
+
+/// The server span of one request, continuing the caller's W3C `traceparent`.
+fn request_span(req: &actix_web::dev::ServiceRequest) -> tracing::Span {
+    let span = tracing::info_span!(
+        "HTTP request",
+        otel.name = %req.method(),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        url.path = %req.path(),
+        http.route = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let traceparent = req
+        .headers()
+        .get(conduit_core::telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    conduit_core::telemetry::continue_trace(&span, traceparent);
+    span
 }
 
 /// A resource whose unsupported methods answer 405 in the JSON error shape.
@@ -237,6 +268,10 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
     let ops_state = OpsState {
         registry: state.metrics.registry.clone(),
         ready: ready_check(&state),
+        live: LiveCheck {
+            health: state.broker.health().clone(),
+            stall: state.settings.stall_grace(),
+        },
     };
     let data = web::Data::from(state.clone());
     let workers = std::thread::available_parallelism()
@@ -270,7 +305,16 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                 let started = std::time::Instant::now();
                 let method = req.method().to_string();
                 let metrics = metrics.clone();
-                srv.call(req).map(move |res| {
+                let span = request_span(&req);
+                srv.call(req).instrument(span.clone()).map(move |res| {
+                    if let Ok(res) = &res {
+                        span.record("http.response.status_code", res.status().as_u16());
+                        // Routing happens inside: name the span after the matched route.
+                        if let Some(route) = res.request().match_pattern() {
+                            conduit_core::telemetry::rename(&span, format!("{method} {route}"));
+                            span.record("http.route", route.as_str());
+                        }
+                    }
                     if let Ok(res) = &res {
                         let route = res
                             .request()
@@ -294,6 +338,7 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
             })
             .configure(ops::configure(ops_state.clone()))
             .service(resource("/openapi.json").route(web::get().to(openapi::serve)))
+            .service(resource("/docs").route(web::get().to(openapi::reference)))
             .service(resource("/v1/videos/generations/async").route(web::post().to(routes::submit)))
             .service(
                 resource("/v1/videos/generations/tasks").route(web::get().to(routes::list_tasks)),
@@ -318,6 +363,11 @@ fn http_server(state: Arc<AppState>, listener: TcpListener) -> anyhow::Result<Se
                 resource("/v1/videos/generations/{task_id}")
                     .route(web::delete().to(routes::cancel)),
             )
+            .service(
+                resource("/v1/videos/generations/tasks/{task_id}/events")
+                    .route(web::get().to(stream::sse::task_events)),
+            )
+            .service(resource("/v1/stream").route(web::get().to(stream::ws::stream)))
             .service(resource("/v1/webhooks/secret").route(web::get().to(routes::webhook_secret)))
             .service(
                 resource("/v1/webhooks/secret/rotate")

@@ -7,6 +7,7 @@ use deadpool_postgres::Pool;
 
 use crate::{
     domain::ModelCatalog, keys::KeyCache, ledger::TaskLedger, links::VideoLinks, metrics::Metrics,
+    stream::StreamHub,
 };
 
 pub(crate) struct AppState {
@@ -20,4 +21,6 @@ pub(crate) struct AppState {
     pub(crate) key_cache: KeyCache,
     pub(crate) links: VideoLinks,
     pub(crate) metrics: Metrics,
+    /// This process's live events for its stream connections.
+    pub(crate) stream: Arc<StreamHub>,
 }

@@ -5,6 +5,8 @@ use actix_web::{
     http::header::{self, HeaderValue},
     web, HttpRequest, HttpResponse,
 };
+use std::time::Duration;
+
 use bytes::Bytes;
 use chrono::Utc;
 use serde::Deserialize;
@@ -87,6 +89,7 @@ pub(crate) struct FileQuery {
     responses(
         (status = 200, description = "The whole video", content_type = "video/mp4"),
         (status = 206, description = "The requested range", content_type = "video/mp4"),
+        (status = 400, description = "Malformed query string (a parameter given twice, say)", body = crate::error::ErrorBody),
         (status = 403, description = "Bad signature", body = crate::error::ErrorBody),
         (status = 404, description = "No such video", body = crate::error::ErrorBody),
         (status = 410, description = "The URL expired", body = crate::error::ErrorBody),
@@ -120,6 +123,16 @@ pub(crate) async fn download(
     let key = state.ledger.completed_video_key(task_id).await?;
     let not_found = || ApiError::NotFound("No such video".into());
     let key = key.ok_or_else(not_found)?;
+    // An object store serves the bytes itself: send the client to a freshly pre-signed
+    // object URL that lives as long as this link still does.
+    let left = u64::try_from(expires - Utc::now().timestamp()).unwrap_or(0);
+    let lifetime = Duration::from_secs(left.clamp(60, state.links.ttl().as_secs().max(60)));
+    if let Some(url) = state.links.store().presigned_url(&key, lifetime).await? {
+        return Ok(HttpResponse::Found()
+            .insert_header((header::LOCATION, url))
+            .insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")))
+            .finish());
+    }
     let size = state
         .links
         .store()

@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod phases;
 pub mod report;
 pub mod stats;
+pub mod stream;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -45,10 +46,13 @@ pub enum Phase {
     ScaleOut,
     /// Render speed against ffmpeg (figure 5).
     Render,
+    /// Idle WebSocket connections on one API process, and status event → stream client
+    /// latency beside the webhook latency of the same events (figure 8).
+    Stream,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Submit,
         Phase::Generator,
         Phase::Delivery,
@@ -56,6 +60,7 @@ impl Phase {
         Phase::Isolation,
         Phase::ScaleOut,
         Phase::Render,
+        Phase::Stream,
     ];
 }
 

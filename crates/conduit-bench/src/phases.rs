@@ -71,6 +71,7 @@ pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
         render: None,
         memory: Vec::new(),
         scale_out: None,
+        stream: None,
         notes: Vec::new(),
     };
     let sizes = Sizes::for_mode(options.mode);
@@ -126,6 +127,11 @@ async fn run_phases(
         .await;
         shutdown.cancel();
         result?;
+    }
+
+    // 8. The real-time stream, with its own API and sender processes.
+    if options.runs(Phase::Stream) {
+        report.stream = Some(crate::stream::run(options.mode, options.pace, env).await?);
     }
 
     // 5. Render, last: nothing else runs while it measures.
@@ -221,6 +227,7 @@ fn job() -> Outgoing {
         },
         submitted_at: now_millis(),
         image_url: None,
+        checkpoint: None,
     };
     Outgoing::json(route::JOBS, &job)
         .map(|o| o.for_task(task_id).with_message_id(job.message_id()))
@@ -229,6 +236,7 @@ fn job() -> Outgoing {
             body: Vec::new(),
             task_id: None,
             message_id: None,
+            traceparent: None,
         })
 }
 
@@ -675,6 +683,7 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
         retry: None,
         batch: None,
         previous_secret: None,
+        video_link: None,
     };
     let out = Outgoing::json(route::WEBHOOKS, &d)
         .map(|o| o.for_task(task_id).with_message_id(webhook_id.clone()))
@@ -683,6 +692,7 @@ fn delivery(url: &str, secret: &str) -> (String, Outgoing) {
             body: Vec::new(),
             task_id: None,
             message_id: None,
+            traceparent: None,
         });
     (webhook_id, out)
 }

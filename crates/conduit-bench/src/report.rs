@@ -39,6 +39,8 @@ pub struct Report {
     pub render: Option<Render>,
     pub memory: Vec<Memory>,
     pub scale_out: Option<ScaleOut>,
+    #[serde(default)]
+    pub stream: Option<crate::stream::StreamReport>,
     /// Baselines or phases that could not run, and why.
     pub notes: Vec<String>,
 }
@@ -508,6 +510,10 @@ pub fn render_markdown(r: &Report) -> String {
             ratio_cell(so.ratio),
             r.cores
         );
+    }
+
+    if let Some(st) = &r.stream {
+        s.push_str(&crate::stream::markdown(st));
     }
 
     if !r.notes.is_empty() {

@@ -3,6 +3,12 @@
 //! The connection is opened in the background, so a service starts (and answers
 //! `/readyz` 503) while the broker is away. Once up, lapin's auto-recovery reconnects and
 //! replays the topology; a consumer whose channel cannot be recovered opens a new one.
+//! Recovery is supervised, never trusted: a connection (or its publish channel) still
+//! unusable [`RECOVERY_GRACE`] after it broke is abandoned for a fresh one, and a
+//! consumer channel that did not come back within the same grace is replaced, so a
+//! recovery that raced with work in flight and stalled part-way cannot leave a
+//! consumer dead while the process lives. Every consumer loop beats a
+//! [`crate::health::Heartbeat`] while it can take deliveries, which `/healthz` watches.
 //! Every publish waits for the broker's confirm: a nack, an unroutable message or a lost
 //! connection is an error the caller sees, never a silent drop. Every consume uses manual
 //! acks, a bounded prefetch and a bounded number of handlers in flight.
@@ -35,7 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 use uuid::Uuid;
 
-use crate::{config::AmqpSettings, topology::Topology};
+use crate::{
+    config::AmqpSettings,
+    health::{Health, Heartbeat, IDLE_TICK},
+    topology::Topology,
+};
 
 /// How long a handler may take to hand its delivery back once shutdown began.
 const DRAIN_GRACE: Duration = Duration::from_secs(20);
@@ -45,6 +55,16 @@ const DRAIN_GRACE: Duration = Duration::from_secs(20);
 /// noticing would otherwise hold the caller forever; past this the caller sees an error
 /// and republishes later (consumers drop duplicates by id).
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a broken connection, its publish channel or a consumer's channel may stay
+/// unusable before it is given up and replaced. lapin retries at most every 5 s, so a
+/// recovery that works completes well within this once the broker is back; one that
+/// stalled part-way never does.
+const RECOVERY_GRACE: Duration = Duration::from_secs(12);
+
+/// Longest a settle (ack, nack, reject) may take. On a channel stuck in a recovery it
+/// would otherwise wait forever and keep its handler's slot.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 struct Live {
@@ -61,14 +81,17 @@ pub struct Broker {
 struct Inner {
     topology: Topology,
     live: watch::Receiver<Option<Live>>,
+    health: Health,
 }
 
-/// Where a message goes: a work queue of the namespace's direct exchange, or every
-/// generator through the control fanout.
+/// Where a message goes: a work queue of the namespace's direct exchange, every
+/// generator through the control fanout, or every API process through the stream fanout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Queue(String),
     Control,
+    /// Not mandatory: with no API process bound, nobody is listening live.
+    Stream,
 }
 
 /// A message ready to publish.
@@ -76,9 +99,12 @@ pub enum Target {
 pub struct Outgoing {
     pub target: Target,
     pub body: Vec<u8>,
-    /// Carried as the W3C `traceparent` header so one trace follows a task.
     pub task_id: Option<Uuid>,
     pub message_id: Option<String>,
+    /// W3C trace context carried in the `traceparent` header, so the consumer's spans
+    /// continue the producer's trace. Taken from the current span when the message is
+    /// made (tracing on only); the outbox keeps it with the row.
+    pub traceparent: Option<String>,
 }
 
 impl Outgoing {
@@ -89,16 +115,19 @@ impl Outgoing {
             body: serde_json::to_vec(message).context("serialising message")?,
             task_id: None,
             message_id: None,
+            traceparent: crate::telemetry::current_traceparent(),
         })
     }
 
-    /// A JSON message for every generator's control queue.
+    /// A JSON message for the control fanout, which feeds the lifecycle stream (and any
+    /// exclusive control queue bound to it).
     pub fn control<T: Serialize>(message: &T) -> anyhow::Result<Self> {
         Ok(Self {
             target: Target::Control,
             body: serde_json::to_vec(message).context("serialising control message")?,
             task_id: None,
             message_id: None,
+            traceparent: crate::telemetry::current_traceparent(),
         })
     }
 
@@ -143,6 +172,11 @@ pub enum Source {
     Queue(String),
     /// This process's own exclusive queue on the control fanout.
     Control,
+    /// A stream queue, by routing key, read from its first retained message on every
+    /// (re)open.
+    Stream(String),
+    /// This process's own exclusive queue on the `{ns}.stream` fanout of committed task events.
+    EventFanout,
 }
 
 /// Limits of one consumer.
@@ -168,12 +202,22 @@ impl Broker {
             supervise(target, conn_name, task_topology, tx, shutdown).await;
         });
         Self {
-            inner: Arc::new(Inner { topology, live: rx }),
+            inner: Arc::new(Inner {
+                topology,
+                live: rx,
+                health: Health::default(),
+            }),
         }
     }
 
     pub fn topology(&self) -> &Topology {
         &self.inner.topology
+    }
+
+    /// The heartbeats of this process's consumers; other work loops (the API's outbox
+    /// relay) register here too, so `/healthz` watches them all.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
 
     /// True while the connection to the broker is up and messages can be published.
@@ -259,10 +303,11 @@ impl Broker {
             let exchange = match &m.target {
                 Target::Queue(_) => self.inner.topology.exchange(),
                 Target::Control => self.inner.topology.control_exchange(),
+                Target::Stream => self.inner.topology.stream_exchange(),
             };
             let routing_key = match &m.target {
                 Target::Queue(route) => route.as_str(),
-                Target::Control => "",
+                Target::Control | Target::Stream => "",
             };
             let confirm = live
                 .publish
@@ -318,7 +363,8 @@ impl Broker {
 
     /// As [`Broker::consume`], and `on_open` is notified each time the consumer is in
     /// place (its queue declared and bound), so a caller can hold other work until then:
-    /// a generator takes no job before its control queue can hear that job's cancel.
+    /// a generator takes no job before it reads the lifecycle stream, where it waits for
+    /// its marks.
     pub async fn consume_signalling<F, Fut>(
         &self,
         source: Source,
@@ -335,9 +381,16 @@ impl Broker {
         let permits = Arc::new(Semaphore::new(limits.concurrency.max(1)));
         let mut in_flight = JoinSet::new();
         let label = match &source {
-            Source::Queue(r) => self.inner.topology.queue(r),
+            Source::Queue(r) | Source::Stream(r) => self.inner.topology.queue(r),
             Source::Control => self.inner.topology.control_exchange(),
+            Source::EventFanout => self.inner.topology.stream_exchange(),
         };
+        // Beats while a delivery can be taken (a delivery handled, or an idle tick on a
+        // usable channel); silent while the consumer is gone: no connection, a channel
+        // that is not open or still recovering.
+        let heartbeat = self.inner.health.heartbeat(format!("consumer {label}"));
+        let mut ticks = tokio::time::interval(IDLE_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'session: while !shutdown.is_cancelled() {
             let live = tokio::select! {
                 live = self.live() => live?,
@@ -369,37 +422,74 @@ impl Broker {
             }
             // Delivery tags restart on a recovered channel, so each recovery gets a
             // settler of its own; the old one settles (or finds poisoned) what is left.
-            let mut settler =
-                (!matches!(source, Source::Control)).then(|| Settler::spawn(channel.clone()));
+            let mut settler = (!matches!(source, Source::Control | Source::EventFanout))
+                .then(|| Settler::spawn(channel.clone()));
+            heartbeat.beat();
+            // Since when the channel has been seen unusable, if it is now.
+            let mut broken_since: Option<tokio::time::Instant> = None;
             loop {
-                let permit = tokio::select! {
-                    p = permits.clone().acquire_owned() => p.context("consumer semaphore closed")?,
-                    () = shutdown.cancelled() => break 'session,
-                };
-                let next = tokio::select! {
-                    next = consumer.next() => next,
-                    () = shutdown.cancelled() => {
-                        let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
-                        let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
-                        break 'session;
+                // Waiting for a free slot (every handler busy) is not a stall while
+                // the channel stays usable: the idle tick keeps beating.
+                let permit = loop {
+                    tokio::select! {
+                        p = permits.clone().acquire_owned() => break p.context("consumer semaphore closed")?,
+                        () = shutdown.cancelled() => break 'session,
+                        _ = ticks.tick() => {
+                            if !check_channel(&heartbeat, &channel, &mut broken_since, &label) {
+                                continue 'session;
+                            }
+                        }
                     }
-                    () = self.replaced(&live) => {
-                        warn!(queue = %label, "RabbitMQ connection replaced; consuming on the new one");
-                        continue 'session;
+                };
+                let next = loop {
+                    tokio::select! {
+                        next = consumer.next() => break next,
+                        () = shutdown.cancelled() => {
+                            let cancel = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default());
+                            let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
+                            break 'session;
+                        }
+                        () = self.replaced(&live) => {
+                            warn!(queue = %label, "RabbitMQ connection replaced; consuming on the new one");
+                            continue 'session;
+                        }
+                        _ = ticks.tick() => {
+                            if !check_channel(&heartbeat, &channel, &mut broken_since, &label) {
+                                continue 'session;
+                            }
+                        }
                     }
                 };
                 let delivery = match next {
                     Some(Ok(delivery)) => delivery,
                     Some(Err(err)) => {
                         warn!(queue = %label, error = %err, "consumer interrupted; waiting for recovery");
-                        // A recovery that never completes ends with the supervisor
-                        // replacing the connection.
+                        // A recovery that does not complete within the grace is given
+                        // up: the consumer opens a fresh channel (on a fresh connection,
+                        // if the supervisor replaced this one meanwhile).
                         let recovered = tokio::select! {
-                            r = channel.wait_for_recovery(err) => r.is_ok(),
+                            r = tokio::time::timeout(RECOVERY_GRACE, channel.wait_for_recovery(err)) => {
+                                match r {
+                                    Ok(r) => r.is_ok(),
+                                    Err(_) => {
+                                        warn!(queue = %label, grace_s = RECOVERY_GRACE.as_secs(), "consumer channel did not recover; opening a new one");
+                                        false
+                                    }
+                                }
+                            }
                             () = self.replaced(&live) => false,
                             () = shutdown.cancelled() => break 'session,
                         };
                         if recovered {
+                            heartbeat.beat();
+                            broken_since = None;
+                            // The recovered channel re-declared this consumer's queue; an
+                            // exclusive one lost what was published meanwhile.
+                            if let (Some(on_open), true) =
+                                (&on_open, matches!(source, Source::EventFanout))
+                            {
+                                on_open.notify_one();
+                            }
                             if settler.is_some() {
                                 settler = Some(Settler::spawn(channel.clone()));
                             }
@@ -412,9 +502,12 @@ impl Broker {
                         continue 'session;
                     }
                 };
+                heartbeat.beat();
+                broken_since = None;
                 let mut delivery = delivery;
                 let incoming = incoming(&mut delivery);
-                let span = tracing::info_span!("delivery", queue = %label, traceparent = incoming.traceparent.as_deref().unwrap_or(""));
+                let span = tracing::info_span!("delivery", otel.name = %format!("{label} process"), otel.kind = "consumer", queue = %label, trace_id = tracing::field::Empty);
+                crate::telemetry::continue_trace(&span, incoming.traceparent.as_deref());
                 let handler = handler.clone();
                 let token = shutdown.child_token();
                 // lapin closes a channel when its last handle goes, which hands every
@@ -439,6 +532,7 @@ impl Broker {
             }
         }
         drain(in_flight, &label).await;
+        heartbeat.retire();
         Ok(())
     }
 
@@ -458,16 +552,18 @@ impl Broker {
             .await
             .context("setting prefetch")?;
         let (queue, no_ack) = match source {
-            Source::Queue(route) => (self.inner.topology.queue(route), false),
-            Source::Control => {
+            Source::Queue(route) | Source::Stream(route) => {
+                (self.inner.topology.queue(route), false)
+            }
+            Source::Control | Source::EventFanout => {
+                let exchange = match source {
+                    Source::EventFanout => self.inner.topology.stream_exchange(),
+                    _ => self.inner.topology.control_exchange(),
+                };
                 // Named here, not by the server: lapin's recovery re-declares every queue
                 // of a channel by name, and the broker refuses a client declaring an
                 // `amq.gen-*` name, which would leave the recovery half done.
-                let name = format!(
-                    "{}.{}",
-                    self.inner.topology.control_exchange(),
-                    Uuid::new_v4().simple()
-                );
+                let name = format!("{exchange}.{}", Uuid::new_v4().simple());
                 channel
                     .queue_declare(
                         name.as_str().into(),
@@ -483,7 +579,7 @@ impl Broker {
                 channel
                     .queue_bind(
                         name.as_str().into(),
-                        self.inner.topology.control_exchange().into(),
+                        exchange.as_str().into(),
                         "".into(),
                         QueueBindOptions::default(),
                         FieldTable::default(),
@@ -493,6 +589,13 @@ impl Broker {
                 (name, true)
             }
         };
+        let mut consume_args = FieldTable::default();
+        if matches!(source, Source::Stream(_)) {
+            consume_args.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString("first".into()),
+            );
+        }
         let consumer = channel
             .basic_consume(
                 ShortString::from(queue.as_str()),
@@ -501,7 +604,7 @@ impl Broker {
                     no_ack,
                     ..Default::default()
                 },
-                FieldTable::default(),
+                consume_args,
             )
             .await
             .with_context(|| format!("consuming {queue}"))?;
@@ -597,7 +700,10 @@ impl PendingSettle {
             done,
             asked: tokio::time::Instant::now(),
         });
-        if sent.is_err() || settled.await.is_err() {
+        // The settler gives up on each settle after SETTLE_TIMEOUT; this bound is a
+        // backstop so a slot is never held by a settle that cannot finish.
+        let settled = tokio::time::timeout(SETTLE_TIMEOUT * 2, settled).await;
+        if sent.is_err() || !matches!(settled, Ok(Ok(()))) {
             warn!(
                 ?disposition,
                 "delivery's channel was lost before settling; the broker will redeliver it"
@@ -676,7 +782,12 @@ async fn settle_loop(
             };
             if let Some(last) = covered.last() {
                 let multiple = covered.len() > 1;
-                let result = last.acker.ack(BasicAckOptions { multiple }).await;
+                let result = tokio::time::timeout(
+                    SETTLE_TIMEOUT,
+                    last.acker.ack(BasicAckOptions { multiple }),
+                )
+                .await
+                .unwrap_or_else(|_| Ok(false));
                 report_settle(result, Disposition::Ack);
             }
             let mut outstanding = lock(&outstanding);
@@ -721,18 +832,24 @@ async fn settle_each(
 }
 
 async fn settle_one(acker: &lapin::Acker, disposition: Disposition) {
-    let result = match disposition {
-        Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
-        Disposition::Requeue => {
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await
+    let settle = async {
+        match disposition {
+            Disposition::Ack => acker.ack(BasicAckOptions::default()).await,
+            Disposition::Requeue => {
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+            }
+            Disposition::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
         }
-        Disposition::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
     };
+    // A settle that cannot go out in time counts as lost with its channel.
+    let result = tokio::time::timeout(SETTLE_TIMEOUT, settle)
+        .await
+        .unwrap_or(Ok(false));
     report_settle(result, disposition);
 }
 
@@ -809,23 +926,16 @@ fn as_u32(v: &AMQPValue) -> Option<u32> {
     u32::try_from(n).ok()
 }
 
-/// W3C trace context whose trace id is the task id, so every service's spans of one
-/// task share a trace without a tracing backend having to propagate anything.
-pub fn traceparent_for(task_id: Uuid) -> String {
-    let span: u64 = rand::random();
-    format!("00-{}-{span:016x}-01", task_id.simple())
-}
-
 fn properties(m: &Outgoing) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         "schema-version".into(),
         AMQPValue::LongInt(crate::messages::SCHEMA_VERSION.into()),
     );
-    if let Some(task_id) = m.task_id {
+    if let Some(traceparent) = &m.traceparent {
         headers.insert(
-            "traceparent".into(),
-            AMQPValue::LongString(traceparent_for(task_id).into()),
+            crate::telemetry::TRACEPARENT.into(),
+            AMQPValue::LongString(traceparent.as_str().into()),
         );
     }
     let mut props = BasicProperties::default()
@@ -901,12 +1011,15 @@ async fn supervise(
             Ok(live) => {
                 info!(connection = %name, "connected to RabbitMQ");
                 let conn = live.conn.clone();
+                let publish = live.publish.clone();
                 tx.send_replace(Some(live));
                 delay = Duration::from_millis(100);
-                // lapin recovers the connection by itself; only a connection it gave up on
-                // is replaced here. (A recovery that stalls part-way is not: closing or
-                // replacing such a connection was seen to block the runtime inside lapin,
-                // so it only shows as `is_ready()` false.)
+                // lapin recovers the connection by itself. Replaced here: a connection it
+                // gave up on, and one whose recovery has not made it (and its publish
+                // channel) usable within the grace, which a recovery racing with work in
+                // flight was seen to leave stalled for good. While the broker is down the
+                // replacement simply fails to connect and retries.
+                let mut broken_since: Option<tokio::time::Instant> = None;
                 loop {
                     tokio::select! {
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -924,17 +1037,26 @@ async fn supervise(
                         warn!(connection = %name, "RabbitMQ connection lost for good; reconnecting");
                         break;
                     }
+                    if healthy(&conn, &publish) {
+                        broken_since = None;
+                        continue;
+                    }
+                    let since = *broken_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= RECOVERY_GRACE {
+                        warn!(
+                            connection = %name,
+                            grace_s = RECOVERY_GRACE.as_secs(),
+                            connection_status = ?status,
+                            publish_channel_status = ?publish.status(),
+                            "RabbitMQ connection did not recover; replacing it"
+                        );
+                        break;
+                    }
                 }
                 // Publishers fail fast and consumers wait for the new connection instead
                 // of working on the old one.
                 tx.send_replace(None);
-                tokio::spawn(async move {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        conn.close(200, "replaced".into()),
-                    )
-                    .await;
-                });
+                tokio::spawn(retire(conn, name.clone()));
             }
             Err(err) => {
                 // A refused certificate is retried like an outage (the broker's
@@ -955,6 +1077,58 @@ async fn supervise(
             }
         }
     }
+}
+
+/// Closes a replaced connection. One still recovering cannot be closed now (lapin only
+/// closes a connected one), and if its recovery completed later, the consumers it
+/// replays would hold deliveries nobody handles: so it is watched and closed as soon
+/// as it is connected again, or dropped once lapin gave it up.
+async fn retire(conn: Arc<Connection>, name: String) {
+    let watch_for = Duration::from_secs(600);
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < watch_for {
+        let status = conn.status();
+        if status.closed() || (status.errored() && !status.reconnecting()) {
+            return;
+        }
+        if status.connected() {
+            let closed =
+                tokio::time::timeout(Duration::from_secs(5), conn.close(200, "replaced".into()))
+                    .await;
+            if matches!(closed, Ok(Ok(()))) {
+                debug!(connection = %name, "replaced RabbitMQ connection closed");
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    warn!(connection = %name, "replaced RabbitMQ connection never closed; dropping it");
+}
+
+/// Beats `heartbeat` while `channel` is usable. False once it has been unusable for
+/// longer than [`RECOVERY_GRACE`]: the consumer then opens a new one.
+fn check_channel(
+    heartbeat: &Heartbeat,
+    channel: &Channel,
+    broken_since: &mut Option<tokio::time::Instant>,
+    label: &str,
+) -> bool {
+    if channel.status().connected() {
+        *broken_since = None;
+        heartbeat.beat();
+        return true;
+    }
+    let since = *broken_since.get_or_insert_with(tokio::time::Instant::now);
+    if since.elapsed() < RECOVERY_GRACE {
+        return true;
+    }
+    warn!(
+        queue = %label,
+        grace_s = RECOVERY_GRACE.as_secs(),
+        channel_status = ?channel.status(),
+        "consumer channel did not recover; opening a new one"
+    );
+    false
 }
 
 async fn connect(target: &Endpoint, name: &str, topology: &Topology) -> anyhow::Result<Live> {
@@ -989,13 +1163,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traceparent_carries_the_task_id() {
-        let id = Uuid::new_v4();
-        let tp = traceparent_for(id);
-        let parts: Vec<_> = tp.split('-').collect();
-        assert_eq!(parts.len(), 4);
-        assert_eq!(parts[1], id.simple().to_string());
-        assert_eq!(parts[2].len(), 16);
+    fn the_traceparent_header_is_the_message_s_own() {
+        let mut m = Outgoing::json("jobs", &serde_json::json!({})).expect("serialises");
+        assert!(properties(&m)
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"))
+            .is_none());
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        m.traceparent = Some(tp.to_owned());
+        let props = properties(&m);
+        let header = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent"));
+        assert!(matches!(header, Some(AMQPValue::LongString(s)) if s.to_string() == tp));
     }
 
     #[test]

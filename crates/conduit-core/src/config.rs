@@ -74,6 +74,25 @@ pub struct Settings {
     /// Model id → provider and upstream model. `GET /v1/models` lists these.
     pub models: BTreeMap<String, ModelSettings>,
     pub log: LogSettings,
+    pub health: HealthSettings,
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HealthSettings {
+    /// How long a consumer or the outbox relay may be stalled (gone, not merely idle)
+    /// before `/healthz` answers 503.
+    pub stall_seconds: u64,
+}
+
+/// Where traces go. Unset (the default), no exporter runs and spans only feed the logs.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TelemetrySettings {
+    /// OTLP/HTTP base URL (`http://otel-collector:4318`); traces go to `/v1/traces`
+    /// below it. `OTEL_EXPORTER_OTLP_ENDPOINT` is used when this is unset.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -447,6 +466,10 @@ impl Settings {
             self.generator.max_attempts > 0,
             "generator.max_attempts must be at least 1"
         );
+        anyhow::ensure!(
+            self.health.stall_seconds > 0,
+            "health.stall_seconds must be at least 1"
+        );
         Ok(())
     }
 
@@ -456,6 +479,11 @@ impl Settings {
 
     pub fn task_timeout(&self) -> Duration {
         Duration::from_secs(self.generator.task_timeout_seconds)
+    }
+
+    /// How long a work loop may be silent before `/healthz` answers 503.
+    pub fn stall_grace(&self) -> Duration {
+        Duration::from_secs(self.health.stall_seconds)
     }
 }
 
@@ -551,7 +579,8 @@ fn defaults(
         )?
         .set_default("models.veo-video.image_input", true)?
         .set_default("log.format", "json")?
-        .set_default("log.level", "info")?;
+        .set_default("log.level", "info")?
+        .set_default("health.stall_seconds", 60)?;
     Ok(b)
 }
 

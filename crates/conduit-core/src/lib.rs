@@ -7,6 +7,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod health;
 pub mod messages;
 pub mod netguard;
 pub mod ops;
@@ -18,6 +19,7 @@ pub mod testing;
 pub mod time;
 pub mod tls;
 pub mod topology;
+pub mod video_links;
 
 pub use broker::{Broker, ConsumeLimits, Disposition, Incoming, Outgoing, Source, Target};
 pub use config::{Secret, Service, Settings};

@@ -47,6 +47,57 @@ pub struct JobMessage {
     /// in jobs of older APIs, which a generator reads as text-to-video.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_url: Option<String>,
+    /// What earlier runs of this attempt left for the next one: when it first started and
+    /// the upstream job it submitted. Absent on the API's first publish; a hand-back copy
+    /// carries it, and a crash takeover finds it on the lifecycle stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<JobCheckpoint>,
+}
+
+/// The durable progress of one attempt: enough for any generator to take it over
+/// without restarting the timeout clock or paying for a second upstream job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCheckpoint {
+    /// When the attempt first started; the task timeout counts from here.
+    #[serde(with = "rfc3339_millis")]
+    pub first_started_at: DateTime<Utc>,
+    /// The provider job submitted for this attempt, once there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamJob>,
+}
+
+/// A provider job submitted upstream: its id and whatever else polling it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpstreamJob {
+    /// The provider that runs it (`minimax`, `openai`, ...).
+    pub provider: String,
+    /// The provider's own id of the job.
+    pub id: String,
+    /// Anything else the provider needs to resume polling (e.g. a poll URL).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, String>,
+    /// The model the job was submitted for: the task's own, or a fallback of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+}
+
+impl UpstreamJob {
+    /// Job `id` at `provider`, with nothing else to remember yet.
+    pub fn new(provider: impl Into<String>, id: impl Into<String>) -> Self {
+        Self {
+            provider: provider.into(),
+            id: id.into(),
+            extra: BTreeMap::new(),
+            model: None,
+        }
+    }
+
+    /// The same job, also remembering `value` under `key` for resuming it.
+    #[must_use]
+    pub fn with_extra(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.extra.insert(key.into(), value.into());
+        self
+    }
 }
 
 impl JobMessage {
@@ -151,6 +202,10 @@ pub struct WebhookDelivery {
     /// made before `expires_at` carry a second signature made with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_secret: Option<PreviousSecret>,
+    /// For an event whose body carries a `video_url`: how to sign a fresh one at send
+    /// time, so every attempt, however late, carries a link valid for the URL lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_link: Option<VideoLinkSigner>,
 }
 
 /// A task's `webhook_batch`: at most `max_events` events per POST, sent at most
@@ -179,6 +234,21 @@ pub struct BatchedEvent {
     pub body: String,
     #[serde(with = "rfc3339_millis")]
     pub occurred_at: DateTime<Utc>,
+    /// As [`WebhookDelivery::video_link`]: the `video_url` in `body` is signed afresh
+    /// for an attempt of the batch it would not last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_link: Option<VideoLinkSigner>,
+}
+
+impl BatchedEvent {
+    /// The event's payload as sent at `now`: `body`, with a fresh `video_url` if it
+    /// carries one.
+    pub fn payload_at(&self, now: DateTime<Utc>) -> std::borrow::Cow<'_, str> {
+        match &self.video_link {
+            Some(link) => std::borrow::Cow::Owned(link.refresh(&self.body, self.task_id, now)),
+            None => std::borrow::Cow::Borrowed(&self.body),
+        }
+    }
 }
 
 /// Webhook sender → itself: a batch of events formed by a sender that waits for its
@@ -219,6 +289,30 @@ impl fmt::Debug for WebhookBatch {
             .field("events", &self.events.len())
             .field("attempts_made", &self.attempts_made)
             .field("not_before", &self.not_before)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a webhook sender needs to re-sign one task's `video_url` when it sends: the URL
+/// written into the body (replaced), the link without its query, a key that signs links
+/// of this task only, and the lifetime. The link is
+/// `{base}?expires=<unix>&signature=<hex>` (see [`crate::video_links`]).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoLinkSigner {
+    /// The `video_url` as it stands in `body`.
+    pub url_in_body: String,
+    /// `{public_base_url}/v1/videos/files/{task_id}`.
+    pub base: String,
+    /// Base64 of the task's link key (see [`crate::video_links`]).
+    pub task_key: String,
+    pub ttl_seconds: u64,
+}
+
+impl fmt::Debug for VideoLinkSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VideoLinkSigner")
+            .field("base", &self.base)
+            .field("ttl_seconds", &self.ttl_seconds)
             .finish_non_exhaustive()
     }
 }
@@ -284,12 +378,27 @@ pub struct AttemptOutcome {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
-/// API → every generator instance (fanout `control` exchange).
+/// The lifecycle records of attempts. The API publishes cancels on the `control` fanout;
+/// generators publish checkpoints, finishes and marks. All of them land in the
+/// `lifecycle` stream, which every generator reads from the start of its retention.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlMessage {
-    /// Stop work on this attempt of the task at once.
+    /// Stop work on this attempt of the task at once, and never start it.
     Cancel { v: u16, task_id: Uuid, attempt: i32 },
+    /// The attempt's durable progress (first start, upstream job).
+    Checkpoint {
+        v: u16,
+        task_id: Uuid,
+        attempt: i32,
+        checkpoint: JobCheckpoint,
+    },
+    /// The attempt ended (its terminal event is confirmed); its checkpoint is no longer
+    /// needed.
+    Finished { v: u16, task_id: Uuid, attempt: i32 },
+    /// A generator's own marker: once it reads its mark back it has read everything
+    /// published to the stream before it.
+    Mark { v: u16, id: Uuid },
 }
 
 #[cfg(test)]
@@ -366,8 +475,24 @@ mod tests {
                 secret: "whsec_b2xk".into(),
                 expires_at: crate::time::now_millis(),
             }),
+            video_link: None,
         };
         let printed = format!("{d:?}");
         assert!(!printed.contains("whsec_"));
+    }
+
+    #[test]
+    fn a_job_without_checkpoint_reads_as_before() {
+        let json = serde_json::json!({
+            "v": 1, "task_id": Uuid::nil(), "attempt": 1, "model": "m", "provider": "local",
+            "prompt": "p", "spec": {"duration_seconds": 1, "width": 8, "height": 8, "fps": 1},
+            "submitted_at": "2026-11-29T00:00:00.000Z"
+        });
+        let job: JobMessage = serde_json::from_value(json).unwrap();
+        assert_eq!(job.checkpoint, None);
+        assert!(serde_json::to_value(&job)
+            .unwrap()
+            .get("checkpoint")
+            .is_none());
     }
 }

@@ -1,13 +1,21 @@
 //! What every service serves to operators: `GET /healthz`, `GET /readyz` and
 //! `GET /metrics`, plus the SIGTERM/SIGINT handling that starts a clean shutdown.
+//!
+//! `/healthz` is liveness: 200 while every work loop of the process beats (see
+//! [`crate::health`]), 503 once one has been silent longer than the stall grace, so a
+//! liveness probe restarts a process whose consumer died while the process lived.
+//! `/readyz` is readiness: whether the dependencies the service needs to do its work
+//! now are reachable.
 
-use std::{future::Future, net::TcpListener, pin::Pin, sync::Arc};
+use std::{future::Future, net::TcpListener, pin::Pin, sync::Arc, time::Duration};
 
 use actix_web::{dev::Server, web, App, HttpResponse, HttpServer};
 use anyhow::Context;
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
+
+use crate::health::Health;
 
 type ReadyFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
 
@@ -29,25 +37,104 @@ impl ReadyCheck {
     }
 }
 
+/// What `/healthz` watches: the process's heartbeats and how long one may be silent.
+#[derive(Clone)]
+pub struct LiveCheck {
+    pub health: Health,
+    pub stall: Duration,
+}
+
 /// Shared state of the operator endpoints.
 #[derive(Clone)]
 pub struct OpsState {
     pub registry: Registry,
     pub ready: ReadyCheck,
+    pub live: LiveCheck,
 }
 
-/// Adds the three operator routes to an actix app.
+/// Adds the three operator routes to an actix app. Each answers `GET` (and `HEAD`);
+/// any other method gets 405 with an `Allow` header.
 pub fn configure(state: OpsState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::new(state))
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(metrics));
+            .service(ops_resource("/healthz").to(healthz))
+            .service(ops_resource("/readyz").to(readyz))
+            .service(ops_resource("/metrics").to(metrics));
     }
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+/// `GET`/`HEAD` on `path`, 405 for every other method.
+fn ops_resource(path: &str) -> OpsResource {
+    OpsResource(path.to_owned())
+}
+
+struct OpsResource(String);
+
+impl OpsResource {
+    fn to<F, Args>(self, handler: F) -> actix_web::Resource
+    where
+        F: actix_web::Handler<Args>,
+        Args: actix_web::FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        web::resource(self.0)
+            .route(
+                web::route()
+                    .guard(
+                        actix_web::guard::Any(actix_web::guard::Get()).or(actix_web::guard::Head()),
+                    )
+                    .to(handler),
+            )
+            .default_service(web::to(|| async { method_not_allowed("GET, HEAD") }))
+    }
+}
+
+/// 405 in the services' JSON error shape, with the `Allow` header RFC 9110 requires.
+pub fn method_not_allowed(allow: &str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((actix_web::http::header::ALLOW, allow.to_owned()))
+        .json(serde_json::json!({
+            "error": {
+                "message": "Method not allowed",
+                "type": "invalid_request_error",
+                "code": "method_not_allowed"
+            }
+        }))
+}
+
+/// Adds the process metrics (`process_resident_memory_bytes`, `process_cpu_seconds_total`,
+/// `process_open_fds`, `process_max_fds`, `process_virtual_memory_bytes`,
+/// `process_start_time_seconds`, `process_threads`) to `registry` (Linux only; a no-op
+/// elsewhere).
+pub fn register_process_metrics(registry: &Registry) -> anyhow::Result<()> {
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering process metrics")?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = registry;
+    Ok(())
+}
+
+async fn healthz(state: web::Data<OpsState>) -> HttpResponse {
+    let stalled = state.live.health.stalled(state.live.stall);
+    if stalled.is_empty() {
+        return HttpResponse::Ok().json(serde_json::json!({"status": "ok"}));
+    }
+    let names: Vec<String> = stalled
+        .iter()
+        .map(|(name, silent)| format!("{name} ({}s)", silent.as_secs()))
+        .collect();
+    warn!(stalled = %names.join(", "), "a work loop is stalled; answering /healthz 503");
+    HttpResponse::ServiceUnavailable().json(serde_json::json!({
+        "error": {
+            "message": format!("Stalled for longer than {}s: {}", state.live.stall.as_secs(), names.join(", ")),
+            "type": "service_unavailable",
+            "code": "stalled"
+        }
+    }))
 }
 
 async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
@@ -56,7 +143,7 @@ async fn readyz(state: web::Data<OpsState>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(serde_json::json!({
             "error": {
-                "message": "A dependency (RabbitMQ or PostgreSQL) is not reachable",
+                "message": "A dependency this service needs is not reachable",
                 "type": "service_unavailable",
                 "code": "service_unavailable"
             }

@@ -62,7 +62,11 @@ pub async fn delete_namespace(amqp_url: &str, namespace: &str) -> anyhow::Result
     .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await?;
     let t = Topology::new(namespace);
-    let mut queues: Vec<String> = route::QUORUM_QUEUES.iter().map(|r| t.queue(r)).collect();
+    let mut queues: Vec<String> = route::QUORUM_QUEUES
+        .iter()
+        .chain([route::LIFECYCLE].iter())
+        .map(|r| t.queue(r))
+        .collect();
     queues.extend(
         WAIT_BUCKETS
             .iter()

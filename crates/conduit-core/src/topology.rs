@@ -10,7 +10,11 @@
 //!   ├─ {ns}.webhook-outcomes  quorum   webhook senders → API delivery log
 //!   ├─ {ns}.webhooks.dead     quorum   deliveries that exhausted their schedule
 //!   └─ {ns}.webhooks.wait.N   classic  TTL N ms, dead-letters back to {ns}.webhooks
-//!  {ns}.control    fanout exchange; each generator binds its own exclusive queue
+//!   └─ {ns}.lifecycle         stream   cancels, checkpoints, marks (also bound to
+//!                                        {ns}.control); every generator reads it whole
+//!  {ns}.control    fanout exchange the API publishes cancels on
+//!  {ns}.stream     fanout exchange of committed task events; each API process binds its
+//!                  own exclusive, auto-delete queue and forwards to its stream clients
 //! ```
 
 use std::time::Duration;
@@ -29,11 +33,17 @@ pub mod route {
     pub const WEBHOOKS: &str = "webhooks";
     pub const OUTCOMES: &str = "webhook-outcomes";
     pub const DEAD_WEBHOOKS: &str = "webhooks.dead";
+    /// The stream of attempt lifecycle records (cancels, checkpoints, marks).
+    pub const LIFECYCLE: &str = "lifecycle";
 
     /// Every durable quorum queue of a stack: all queues but the wait buckets
     /// ([`super::WAIT_BUCKETS`]) and the generators' own control queues.
     pub const QUORUM_QUEUES: [&str; 5] = [JOBS, STATUS, WEBHOOKS, OUTCOMES, DEAD_WEBHOOKS];
 }
+
+/// How long the lifecycle stream keeps its records: longer than any job waits in the
+/// queue or any attempt runs.
+pub const LIFECYCLE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Delays of the webhook wait queues. A delivery due later than the largest bucket is
 /// parked repeatedly; one due sooner than the smallest goes straight to delivery. With
@@ -84,6 +94,11 @@ impl Topology {
         format!("{}.control", self.namespace)
     }
 
+    /// The fanout of committed task events for the real-time stream.
+    pub fn stream_exchange(&self) -> String {
+        format!("{}.stream", self.namespace)
+    }
+
     /// Full queue name for a routing key of [`route`].
     pub fn queue(&self, route: &str) -> String {
         format!("{}.{route}", self.namespace)
@@ -117,6 +132,15 @@ impl Topology {
             )
             .await
             .with_context(|| format!("declaring exchange {}", self.control_exchange()))?;
+        channel
+            .exchange_declare(
+                self.stream_exchange().into(),
+                ExchangeKind::Fanout,
+                durable,
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("declaring exchange {}", self.stream_exchange()))?;
 
         for r in route::QUORUM_QUEUES {
             let mut args = FieldTable::default();
@@ -126,6 +150,28 @@ impl Topology {
             );
             self.declare_bound_queue(channel, r, args).await?;
         }
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", LIFECYCLE_RETENTION.as_secs()).into()),
+        );
+        self.declare_bound_queue(channel, route::LIFECYCLE, args)
+            .await?;
+        let lifecycle = self.queue(route::LIFECYCLE);
+        channel
+            .queue_bind(
+                lifecycle.as_str().into(),
+                self.control_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding queue {lifecycle} to the control fanout"))?;
         for delay in WAIT_BUCKETS {
             let mut args = FieldTable::default();
             let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
@@ -186,6 +232,7 @@ mod tests {
         assert_eq!(t.exchange(), "ns1");
         assert_eq!(t.queue(route::JOBS), "ns1.jobs");
         assert_eq!(t.control_exchange(), "ns1.control");
+        assert_eq!(t.stream_exchange(), "ns1.stream");
         assert_eq!(
             t.queue(&Topology::wait_route(Duration::from_secs(5))),
             "ns1.webhooks.wait.5000"

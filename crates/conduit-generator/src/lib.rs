@@ -1,11 +1,12 @@
 //! `conduit-generator` owns the execution of generation jobs: it consumes the `jobs`
 //! queue with bounded concurrency, runs each job's provider (the built-in local renderer
 //! or a remote video API), stores the finished video and publishes the task's status
-//! events (processing, progress, completed or failed). It also listens on the control
-//! fanout for cancellations and stops the work they name. It never talks to PostgreSQL:
-//! the API's ledger is the only writer of task state.
+//! events (processing, progress, completed or failed). It reads the lifecycle stream
+//! (cancels, attempt checkpoints) from its start, skips cancelled attempts and stops the
+//! running ones a cancel names, and resumes attempts an earlier run started. It never
+//! talks to PostgreSQL: the API's ledger is the only writer of task state.
 
-mod cancels;
+mod lifecycle;
 pub mod metrics;
 pub mod providers;
 pub mod render;
@@ -17,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 use actix_web::dev::{Server, ServerHandle};
 use anyhow::Context;
 use conduit_core::{
-    ops::{self, OpsState, ReadyCheck},
+    ops::{self, LiveCheck, OpsState, ReadyCheck},
     storage::VideoStore,
     topology::route,
     Broker, ConsumeLimits, Disposition, Service, Settings, Source,
@@ -54,6 +55,7 @@ impl App {
         providers: Providers,
     ) -> anyhow::Result<App> {
         let metrics = metrics::Metrics::new().context("creating metrics")?;
+        metrics.init_providers(providers.names());
         let store = VideoStore::from_url(&settings.storage.url).context("opening video storage")?;
         let broker_stop = CancellationToken::new();
         let broker = Broker::start(
@@ -68,13 +70,17 @@ impl App {
                 let broker = ready_broker.clone();
                 async move { broker.is_ready() }
             }),
+            live: LiveCheck {
+                health: broker.health().clone(),
+                stall: settings.stall_grace(),
+            },
         };
         let (server, port) = ops::serve(&settings.http.bind, state, Service::Generator.name())?;
         let worker = Worker {
             broker,
             store,
             providers,
-            cancels: cancels::CancelRegistry::default(),
+            lifecycle: lifecycle::Lifecycle::default(),
             metrics,
             task_timeout: settings.task_timeout(),
             max_attempts: settings.generator.max_attempts,
@@ -111,19 +117,18 @@ impl App {
         let control = {
             let worker = worker.clone();
             let control_open = control_open.clone();
-            // One at a time, in arrival order: handling a cancel is a quick, synchronous
-            // registry update, and order matters. A cancel of a queued task must be
-            // remembered before a later cancel frees the slot its job would take.
+            // One at a time, in stream order: handling a record is a quick, synchronous
+            // update, and order matters (a mark is read after everything before it).
             broker.consume_signalling(
-                Source::Control,
+                Source::Stream(route::LIFECYCLE.into()),
                 ConsumeLimits {
-                    prefetch: 256,
+                    prefetch: 1000,
                     concurrency: 1,
                 },
                 shutdown.clone(),
                 Some(control_open),
                 move |incoming, _| {
-                    worker.handle_control(&incoming);
+                    worker.handle_lifecycle(&incoming);
                     async { Disposition::Ack }
                 },
             )
@@ -132,7 +137,8 @@ impl App {
             let worker = worker.clone();
             let handler_worker = worker.clone();
             async move {
-                // A job taken before the control queue is bound could miss its cancel.
+                // Each job waits for its mark on the stream; without a reader it would
+                // wait in vain.
                 tokio::select! {
                     () = control_open.notified() => {}
                     () = shutdown.cancelled() => return Ok(()),
@@ -158,7 +164,7 @@ impl App {
         self.broker_stop.cancel();
         server_handle.stop(true).await;
         let _ = server.await;
-        control.context("control consumer")?;
+        control.context("lifecycle stream consumer")?;
         jobs.context("job consumer")?;
         info!("generator stopped");
         Ok(())

@@ -17,7 +17,11 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(Service::Generator, cli.config.as_deref())?;
-    telemetry::init(&settings.log);
-    let app = App::build(settings).await?;
-    app.run_until_stopped(ops::shutdown_on_signals()).await
+    let telemetry = telemetry::init_service(&settings, Service::Generator);
+    let result = match App::build(settings).await {
+        Ok(app) => app.run_until_stopped(ops::shutdown_on_signals()).await,
+        Err(err) => Err(err),
+    };
+    telemetry.shutdown().await;
+    result
 }

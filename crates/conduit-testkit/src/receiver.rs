@@ -228,7 +228,10 @@ impl Receiver {
     /// Records every request and answers with `script` in order, the last reply
     /// repeating.
     pub async fn scripted(script: Vec<Reply>) -> Self {
-        assert!(!script.is_empty(), "a scripted receiver needs at least one reply");
+        assert!(
+            !script.is_empty(),
+            "a scripted receiver needs at least one reply"
+        );
         Self::replying(move |n, _| script[n.min(script.len() - 1)].clone()).await
     }
 

@@ -123,8 +123,13 @@ fn entry_bytes(d: &WebhookDelivery) -> usize {
     r#"{"webhook_id":"","payload":},"#.len() + d.webhook_id.len() + d.body.len()
 }
 
-/// The batch body: each payload exactly as its single webhook's body.
-pub(crate) fn batch_body(formed_at: &chrono::DateTime<Utc>, events: &[BatchedEvent]) -> String {
+/// The batch body as sent at `now`: each payload exactly as its single webhook's body
+/// at that moment (a `video_url` in it freshly signed).
+pub(crate) fn batch_body(
+    formed_at: &chrono::DateTime<Utc>,
+    events: &[BatchedEvent],
+    now: chrono::DateTime<Utc>,
+) -> String {
     let mut body = String::with_capacity(
         ENVELOPE_BYTES
             + events
@@ -142,7 +147,7 @@ pub(crate) fn batch_body(formed_at: &chrono::DateTime<Utc>, events: &[BatchedEve
         body.push_str(r#"{"webhook_id":"#);
         body.push_str(&serde_json::Value::String(e.webhook_id.clone()).to_string());
         body.push_str(r#","payload":"#);
-        body.push_str(&e.body);
+        body.push_str(&e.payload_at(now));
         body.push('}');
     }
     body.push_str("]}");
@@ -408,6 +413,7 @@ impl Deliverer {
                     event: d.event,
                     body: d.body.clone(),
                     occurred_at: d.occurred_at,
+                    video_link: d.video_link.clone(),
                 })
                 .collect(),
             attempts_made: 0,
@@ -440,7 +446,9 @@ impl Deliverer {
                 }
             }
         }
-        let body = batch_body(&b.formed_at, &b.events);
+        // Links in the events that would not last the URL lifetime from this attempt
+        // on are signed afresh.
+        let body = batch_body(&b.formed_at, &b.events, now_millis());
         let prepared = if body.len() > MAX_BODY_BYTES {
             Err(Response::Unsendable {
                 error: format!(
@@ -650,6 +658,7 @@ mod tests {
                 event: WebhookEvent::Progress,
                 body: r#"{"b": 1,"a":2}"#.into(),
                 occurred_at: at,
+                video_link: None,
             },
             BatchedEvent {
                 webhook_id: "msg_\"b".into(),
@@ -657,9 +666,10 @@ mod tests {
                 event: WebhookEvent::Completed,
                 body: r#"{"x":"y"}"#.into(),
                 occurred_at: at,
+                video_link: None,
             },
         ];
-        let body = batch_body(&at, &events);
+        let body = batch_body(&at, &events, at);
         assert!(body.contains(r#"{"webhook_id":"msg_a","payload":{"b": 1,"a":2}}"#));
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["webhook_type"], "batch");
@@ -668,6 +678,35 @@ mod tests {
         assert_eq!(v["events"][1]["payload"]["x"], "y");
         assert!(
             body.len() <= ENVELOPE_BYTES + events.iter().map(|e| e.body.len() + 40).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn a_stale_video_link_is_signed_afresh_in_a_batch() {
+        let task = Uuid::new_v4();
+        let base = format!("http://api/v1/videos/files/{task}");
+        let key = conduit_core::video_links::task_link_key(b"signing key", task);
+        let stale = conduit_core::video_links::link(&base, &key, task, 100);
+        let event = BatchedEvent {
+            webhook_id: "msg_c".into(),
+            task_id: task,
+            event: WebhookEvent::Completed,
+            body: serde_json::json!({ "video_url": stale }).to_string(),
+            occurred_at: now_millis(),
+            video_link: Some(conduit_core::messages::VideoLinkSigner::new(
+                b"signing key",
+                task,
+                base.clone(),
+                stale.clone(),
+                60,
+            )),
+        };
+        let at = chrono::DateTime::from_timestamp(1_000, 0).unwrap();
+        let body = batch_body(&at, &[event], at);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["events"][0]["payload"]["video_url"],
+            conduit_core::video_links::link(&base, &key, task, 1_061)
         );
     }
 }

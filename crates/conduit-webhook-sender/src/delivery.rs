@@ -5,22 +5,12 @@
 //!
 //! # Ordering of a task's webhooks
 //!
-//! A progress webhook is never delivered after its task's terminal webhook was delivered.
-//! Within one process this holds because deliveries of one task are serialised (a keyed
-//! slot per task) and the terminal delivery is remembered ([`FinishedTasks`]) before the
-//! task's slot is released, so a progress webhook that comes later (out of a wait queue,
-//! a requeue, a slow outbox) is dropped instead of sent. The API's ledger never creates a
-//! progress event after a terminal one, so the only progress webhooks that can arrive
-//! late are ones created earlier and delayed on the way.
-//!
-//! Across several sender replicas this is **not** guaranteed: RabbitMQ hands the
-//! progress webhook to one replica and the terminal webhook to another, and plain
-//! RabbitMQ has no cheap per-key routing (that needs the consistent-hash exchange plugin
-//! or a shared lock the stateless sender does not have). The window is the time a
-//! progress webhook spends in flight on one replica while another delivers the terminal
-//! one: an HTTP attempt (at most the timeout), or a short park when its host is busy.
-//! Deployments that need the guarantee strictly run one sender replica (its own
-//! concurrency scales to thousands of deliveries in flight).
+//! The API's ledger hands the sender at most one webhook per task at a time: it releases
+//! a task's next webhook only when this one's final outcome (delivered, failed, dropped)
+//! is recorded. So a task's webhooks reach the receiver in event order whatever the
+//! number of sender replicas, and nothing here depends on it. Within one process a
+//! terminal delivery is also remembered ([`FinishedTasks`]) so a progress webhook that
+//! still turns up later (a redelivery after a crash) is dropped instead of sent.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -332,7 +322,13 @@ impl Deliverer {
         keys: &[SigningKey],
         shutdown: &CancellationToken,
     ) -> Option<Attempt> {
-        self.post(url, &d.headers, &d.webhook_id, keys, &d.body, shutdown)
+        // A `video_url` in the body that would not last the URL lifetime from this
+        // attempt on is signed afresh, however late the attempt is.
+        let body = match &d.video_link {
+            Some(link) => link.refresh(&d.body, d.task_id, now_millis()),
+            None => d.body.clone(),
+        };
+        self.post(url, &d.headers, &d.webhook_id, keys, &body, shutdown)
             .await
     }
 
@@ -352,14 +348,23 @@ impl Deliverer {
         let headers = request_headers(custom, id, timestamp, &signature);
         let started = Instant::now();
         let _in_flight = InFlight::new(&self.metrics);
+        let host = url.host_str().unwrap_or_default().to_owned();
         let request = self
             .http
             .post(url)
             .headers(headers)
             .body(body.to_owned())
             .send();
+        let span = tracing::info_span!(
+            "webhook attempt",
+            otel.name = "webhook POST",
+            otel.kind = "client",
+            http.request.method = "POST",
+            http.response.status_code = tracing::field::Empty,
+            server.address = %host,
+        );
         let response = tokio::select! {
-            r = exchange(request) => r,
+            r = exchange(request).instrument(span.clone()) => r,
             () = async {
                 shutdown.cancelled().await;
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -368,6 +373,9 @@ impl Deliverer {
                 return None;
             }
         };
+        if let Response::Answered { status, .. } = &response {
+            span.record("http.response.status_code", *status);
+        }
         Some(Attempt {
             attempted_at,
             duration: started.elapsed(),
@@ -380,6 +388,12 @@ impl Deliverer {
     fn decide(&self, d: &WebhookDelivery, a: &Attempt) -> (AttemptOutcome, Option<Outgoing>) {
         let (status, error, retry_after, label) = classify(&a.response);
         self.metrics.attempts.with_label_values(&[label]).inc();
+        if !matches!(a.response, Response::Unsendable { .. }) {
+            self.metrics
+                .attempt_duration
+                .with_label_values(&[label])
+                .observe(a.duration.as_secs_f64());
+        }
         let made = d.attempts_made.saturating_add(1);
         let (state, next_at, follow_up) = match label {
             outcome::DELIVERED => {
@@ -551,6 +565,7 @@ impl Deliverer {
             body,
             task_id: None,
             message_id: None,
+            traceparent: None,
         };
         match self.publish_all(&[message]).await {
             Disposition::Ack => Disposition::Ack,
@@ -831,6 +846,7 @@ mod tests {
             retry: None,
             batch: None,
             previous_secret: None,
+            video_link: None,
         }
     }
 

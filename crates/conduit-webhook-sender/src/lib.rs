@@ -18,7 +18,7 @@ use std::sync::Arc;
 use actix_web::dev::Server;
 use anyhow::Context;
 use conduit_core::{
-    ops::{self, OpsState, ReadyCheck},
+    ops::{self, LiveCheck, OpsState, ReadyCheck},
     topology::route,
     Broker, ConsumeLimits, Service, Settings, Source,
 };
@@ -54,6 +54,10 @@ impl App {
                 let broker = ready_broker.clone();
                 async move { broker.is_ready() }
             }),
+            live: LiveCheck {
+                health: broker.health().clone(),
+                stall: settings.stall_grace(),
+            },
         };
         let (server, port) = ops::serve(&settings.http.bind, state, Service::WebhookSender.name())?;
         let deliverer = Deliverer::new(&settings, broker.clone(), metrics)

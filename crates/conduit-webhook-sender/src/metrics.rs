@@ -17,6 +17,8 @@ pub struct Metrics {
     pub registry: Registry,
     /// By outcome: `delivered`, `failed`, `dropped` (410) or `refused` (target guard).
     pub attempts: IntCounterVec,
+    /// Duration of each attempt's HTTP exchange, by the same outcomes.
+    pub attempt_duration: HistogramVec,
     /// From the event (`occurred_at`) to its 2xx, by event.
     pub event_to_delivery: HistogramVec,
     pub in_flight: IntGauge,
@@ -49,6 +51,16 @@ impl Metrics {
             ]),
             &["event"],
         )?;
+        let attempt_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "conduit_webhook_attempt_duration_seconds",
+                "Time one webhook attempt took (request and answer), by outcome",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+            &["outcome"],
+        )?;
         let in_flight = IntGauge::new(
             "conduit_webhook_deliveries_in_flight",
             "Webhook requests in flight in this process",
@@ -74,9 +86,29 @@ impl Metrics {
         registry.register(Box::new(parked.clone()))?;
         registry.register(Box::new(superseded.clone()))?;
         registry.register(Box::new(dead_lettered.clone()))?;
+        registry.register(Box::new(attempt_duration.clone()))?;
+        conduit_core::ops::register_process_metrics(&registry)?;
+        // Every outcome and reason is served from the start, so rates and ratios over
+        // them have series before the first event.
+        for o in [
+            outcome::DELIVERED,
+            outcome::FAILED,
+            outcome::DROPPED,
+            outcome::REFUSED,
+        ] {
+            attempts.with_label_values(&[o]);
+            attempt_duration.with_label_values(&[o]);
+        }
+        for reason in ["scheduled", "task_busy", "host_busy"] {
+            parked.with_label_values(&[reason]);
+        }
+        for event in ["progress", "completed", "failed", "cancelled"] {
+            event_to_delivery.with_label_values(&[event]);
+        }
         Ok(Self {
             registry,
             attempts,
+            attempt_duration,
             event_to_delivery,
             in_flight,
             parked,

@@ -14,12 +14,13 @@ use anyhow::Context;
 use chrono::Utc;
 use conduit_core::{
     messages::{StatusEvent, StatusKind},
-    payload::{CompletedPayload, FailedPayload, ProgressPayload, WebhookEvent, WebhookPayload},
+    payload::{CompletedPayload, FailedPayload, ProgressPayload, WebhookPayload},
 };
 use deadpool_postgres::Pool;
 
 use super::{
     secrets::{KeySecrets, SECRETS_OF_TASK_KEY},
+    stream,
     task::{TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks,
 };
@@ -68,7 +69,11 @@ pub(super) fn judge(
 /// What applying one event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Applied {
-    Applied { webhook: bool },
+    /// `recorded`: the status event recorded a task event (for the stream, maybe
+    /// a webhook).
+    Applied {
+        recorded: bool,
+    },
     Dropped(Drop),
 }
 
@@ -170,15 +175,13 @@ pub(super) async fn apply(
             )
             .await
             .context("recording progress")?;
-            task.wants(WebhookEvent::Progress).then(|| {
-                WebhookPayload::Progress(ProgressPayload::new(
-                    task.id,
-                    at,
-                    percent,
-                    message.clone(),
-                    *eta_seconds,
-                ))
-            })
+            Some(WebhookPayload::Progress(ProgressPayload::new(
+                task.id,
+                at,
+                percent,
+                message.clone(),
+                *eta_seconds,
+            )))
         }
         StatusKind::Completed {
             video_key,
@@ -217,19 +220,15 @@ pub(super) async fn apply(
             )
             .await
             .context("completing the task")?;
-            if task.wants(WebhookEvent::Completed) {
-                let url = links.url_for(task.id, video_key, at, Utc::now()).await?;
-                Some(WebhookPayload::Completed(CompletedPayload::new(
-                    task.id,
-                    at,
-                    url,
-                    *generation_duration_seconds,
-                    made_by,
-                    task.prompt.clone(),
-                )))
-            } else {
-                None
-            }
+            let url = links.url_for(task.id, at, Utc::now());
+            Some(WebhookPayload::Completed(CompletedPayload::new(
+                task.id,
+                at,
+                url,
+                *generation_duration_seconds,
+                made_by,
+                task.prompt.clone(),
+            )))
         }
         StatusKind::Failed { error } => {
             tx.execute(
@@ -241,23 +240,34 @@ pub(super) async fn apply(
             )
             .await
             .context("failing the task")?;
-            task.wants(WebhookEvent::Failed).then(|| {
-                WebhookPayload::Failed(FailedPayload::failed(
-                    task.id,
-                    at,
-                    error.clone(),
-                    task.model.clone(),
-                    task.prompt.clone(),
-                ))
-            })
+            Some(WebhookPayload::Failed(FailedPayload::failed(
+                task.id,
+                at,
+                error.clone(),
+                task.model.clone(),
+                task.prompt.clone(),
+            )))
         }
     };
+    // Every event a webhook would carry goes to the stream, whatever the task's
+    // webhook settings; the webhook, when the task wants it, shares the event's id.
     if let Some(payload) = &payload {
-        webhooks::record_event(&tx, &task, &secrets, payload, at).await?;
+        let event_id = stream::new_event_id();
+        if task.wants(payload.event()) {
+            let video_link = match payload {
+                WebhookPayload::Completed(done) => {
+                    Some(links.signer(task.id, done.video_url.clone()))
+                }
+                _ => None,
+            };
+            webhooks::record_event(&tx, &task, &secrets, &event_id, payload, at, video_link)
+                .await?;
+        }
+        stream::record(&tx, &task, &event_id, payload, at).await?;
     }
     tx.commit().await.context("committing ledger transaction")?;
     Ok(Applied::Applied {
-        webhook: payload.is_some(),
+        recorded: payload.is_some(),
     })
 }
 

@@ -16,6 +16,7 @@ use uuid::Uuid;
 use super::{
     outbox,
     secrets::{KeySecrets, SECRETS_OF_TASK_KEY},
+    stream,
     task::{job_outgoing, TaskRow, TaskStatus, TASK_COLUMNS},
     webhooks, LedgerError, TaskPage,
 };
@@ -152,29 +153,32 @@ pub(super) async fn cancel(
         .await
         .context("marking the task cancelled")?;
     let task = TaskRow::from_row(&row)?;
+    outbox::enqueue(&tx, &cancel_message(&task)?).await?;
+    let payload = WebhookPayload::Failed(FailedPayload::cancelled(
+        task.id,
+        now,
+        task.model.clone(),
+        task.prompt.clone(),
+    ));
+    let event_id = stream::new_event_id();
+    if task.wants(WebhookEvent::Cancelled) {
+        webhooks::record_event(&tx, &task, &secrets, &event_id, &payload, now, None).await?;
+    }
+    stream::record(&tx, &task, &event_id, &payload, now).await?;
+    tx.commit().await.context("committing cancel")?;
+    Ok(task)
+}
+
+/// The cancel of `task`'s current attempt, for every generator and the lifecycle stream.
+pub(super) fn cancel_message(task: &TaskRow) -> anyhow::Result<Outgoing> {
     let cancel = ControlMessage::Cancel {
         v: SCHEMA_VERSION,
         task_id: task.id,
         attempt: task.attempt,
     };
-    outbox::enqueue(
-        &tx,
-        &Outgoing::control(&cancel)?
-            .for_task(task.id)
-            .with_message_id(format!("{}:{}:cancel", task.id, task.attempt)),
-    )
-    .await?;
-    if task.wants(WebhookEvent::Cancelled) {
-        let payload = WebhookPayload::Failed(FailedPayload::cancelled(
-            task.id,
-            now,
-            task.model.clone(),
-            task.prompt.clone(),
-        ));
-        webhooks::record_event(&tx, &task, &secrets, &payload, now).await?;
-    }
-    tx.commit().await.context("committing cancel")?;
-    Ok(task)
+    Ok(Outgoing::control(&cancel)?
+        .for_task(task.id)
+        .with_message_id(format!("{}:{}:cancel", task.id, task.attempt)))
 }
 
 /// Runs a failed or cancelled task again as a new attempt.

@@ -13,6 +13,7 @@ mod events;
 mod lifecycle;
 mod outbox;
 mod secrets;
+mod stream;
 mod submits;
 mod task;
 mod webhooks;
@@ -33,6 +34,7 @@ use uuid::Uuid;
 pub(crate) use events::Applied;
 pub(crate) use outbox::OutboxRelay;
 pub(crate) use secrets::KeySecrets;
+pub(crate) use stream::{Only, StreamEvent, StreamSequencer, Terminal, RESUME_WINDOW};
 pub(crate) use submits::SubmitWriter;
 pub(crate) use task::{IdempotencyClaim, NewTask, TaskRow, TaskStatus, WebhookEvents};
 pub(crate) use webhooks::{DeliveryRecord, Redelivered};
@@ -110,8 +112,16 @@ pub(crate) struct TaskLedger {
     metrics: Metrics,
     /// Wakes the outbox relay right after a commit wrote outbox rows.
     outbox_ready: Arc<Notify>,
+    /// Wakes the stream sequencer right after a commit recorded stream events.
+    stream_ready: Arc<Notify>,
     submits: submits::SubmitQueue,
+    /// The relay's broker, for cancels published before the cancel is answered.
+    broker: std::sync::OnceLock<Broker>,
 }
+
+/// How long a cancel waits for its direct publish before answering anyway (the outbox
+/// publishes it in any case).
+const CANCEL_PUBLISH_PATIENCE: Duration = Duration::from_secs(5);
 
 impl TaskLedger {
     /// A ledger over `pool`, and the group-commit writer its submits go through (run it
@@ -128,13 +138,19 @@ impl TaskLedger {
             links,
             metrics,
             outbox_ready: Arc::new(Notify::new()),
+            stream_ready: Arc::new(Notify::new()),
             submits,
+            broker: std::sync::OnceLock::new(),
         };
         (ledger, writer)
     }
 
     fn wake_relay(&self) {
         self.outbox_ready.notify_one();
+    }
+
+    fn wake_sequencer(&self) {
+        self.stream_ready.notify_one();
     }
 
     /// Writes a new task and its job; answers once the commit holding it is durable.
@@ -179,17 +195,32 @@ impl TaskLedger {
     /// The `video_url` of a completed task as of now.
     pub(crate) async fn video_url(&self, task: &TaskRow) -> Result<Option<String>, LedgerError> {
         match (&task.status, &task.video_key, task.completed_at) {
-            (TaskStatus::Completed, Some(key), Some(done)) => Ok(Some(
-                self.links.url_for(task.id, key, done, Utc::now()).await?,
-            )),
+            (TaskStatus::Completed, Some(_), Some(done)) => {
+                Ok(Some(self.links.url_for(task.id, done, Utc::now())))
+            }
             _ => Ok(None),
         }
     }
 
-    /// Cancels a pending or processing task.
+    /// Cancels a pending or processing task. The cancel is on the lifecycle stream
+    /// before this answers (unless the broker is away; the outbox carries it then), so
+    /// no generator starts the attempt after the client was told it is cancelled.
     pub(crate) async fn cancel(&self, key_id: Uuid, task_id: Uuid) -> Result<TaskRow, LedgerError> {
         let task = lifecycle::cancel(&self.pool, key_id, task_id).await?;
         self.wake_relay();
+        self.wake_sequencer();
+        if let Some(broker) = self.broker.get() {
+            let message = lifecycle::cancel_message(&task)?;
+            match tokio::time::timeout(CANCEL_PUBLISH_PATIENCE, broker.publish(message)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    warn!(%task_id, error = %format!("{err:#}"), "could not publish the cancel at once; the outbox will")
+                }
+                Err(_) => {
+                    warn!(%task_id, "the cancel's publish was not confirmed in time; the outbox will publish it")
+                }
+            }
+        }
         Ok(task)
     }
 
@@ -203,8 +234,9 @@ impl TaskLedger {
     /// Applies a generator's status event.
     pub(crate) async fn apply_status(&self, event: &StatusEvent) -> Result<Applied, LedgerError> {
         let applied = events::apply(&self.pool, &self.links, event).await?;
-        if matches!(applied, Applied::Applied { webhook: true }) {
+        if matches!(applied, Applied::Applied { recorded: true }) {
             self.wake_relay();
+            self.wake_sequencer();
         }
         Ok(applied)
     }
@@ -215,7 +247,7 @@ impl TaskLedger {
         &self,
         outcome: &AttemptOutcome,
     ) -> Result<bool, LedgerError> {
-        Ok(webhooks::record_outcome(&self.pool, outcome).await?)
+        Ok(webhooks::record_outcome(&self.pool, &self.links, outcome).await?)
     }
 
     /// The delivery log of the owner's task.
@@ -237,7 +269,7 @@ impl TaskLedger {
         key_id: Uuid,
         task_id: Uuid,
     ) -> Result<Redelivered, LedgerError> {
-        let redelivered = webhooks::redeliver(&self.pool, key_id, task_id).await?;
+        let redelivered = webhooks::redeliver(&self.pool, &self.links, key_id, task_id).await?;
         self.wake_relay();
         Ok(redelivered)
     }
@@ -261,10 +293,22 @@ impl TaskLedger {
 
     /// The relay that publishes this ledger's outbox through `broker`.
     pub(crate) fn relay(&self, broker: Broker) -> OutboxRelay {
+        let _ = self.broker.set(broker.clone());
         OutboxRelay {
             pool: self.pool.clone(),
             broker,
             wake: self.outbox_ready.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    /// The sequencer that numbers this ledger's stream events and queues them for the
+    /// stream fanout.
+    pub(crate) fn stream_sequencer(&self) -> StreamSequencer {
+        StreamSequencer {
+            pool: self.pool.clone(),
+            wake: self.stream_ready.clone(),
+            relay: self.outbox_ready.clone(),
             metrics: self.metrics.clone(),
         }
     }

@@ -6,7 +6,7 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use conduit_core::{Broker, Outgoing, Target};
+use conduit_core::{telemetry, Broker, Outgoing, Target};
 use deadpool_postgres::{GenericClient, Pool};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -28,10 +28,11 @@ pub(super) async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> 
     let (target, route) = match &message.target {
         Target::Queue(route) => ("queue", route.as_str()),
         Target::Control => ("control", ""),
+        Target::Stream => ("stream", ""),
     };
     let stmt = client
         .prepare_cached(
-            "INSERT INTO outbox (target, route, body, task_id, message_id) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO outbox (target, route, body, task_id, message_id, traceparent) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .await
         .context("preparing outbox insert")?;
@@ -44,6 +45,7 @@ pub(super) async fn enqueue(client: &impl GenericClient, message: &Outgoing) -> 
                 &message.body,
                 &message.task_id,
                 &message.message_id,
+                &message.traceparent,
             ],
         )
         .await
@@ -61,6 +63,10 @@ pub(crate) struct OutboxRelay {
 
 impl OutboxRelay {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
+        // Beats after every pass that published or found nothing to publish; silent
+        // while the broker is unusable or publishing fails, so `/healthz` sees a relay
+        // that stopped publishing.
+        let heartbeat = self.broker.health().heartbeat("outbox relay");
         let mut backoff = Duration::from_millis(100);
         let mut last_gauge = tokio::time::Instant::now() - GAUGE_EVERY;
         loop {
@@ -75,6 +81,10 @@ impl OutboxRelay {
             } else {
                 Ok(0)
             };
+            let ready = outcome.is_ok() && self.broker.is_ready();
+            if ready {
+                heartbeat.beat();
+            }
             let pause = match outcome {
                 Ok(n) if n as i64 >= BATCH => Duration::ZERO,
                 Ok(_) => {
@@ -91,6 +101,7 @@ impl OutboxRelay {
             };
             if pause.is_zero() {
                 if shutdown.is_cancelled() {
+                    heartbeat.retire();
                     return;
                 }
                 continue;
@@ -98,7 +109,10 @@ impl OutboxRelay {
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(pause) => {}
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => {
+                    heartbeat.retire();
+                    return;
+                }
             }
         }
     }
@@ -121,7 +135,7 @@ impl OutboxRelay {
             .prepare_cached(
                 "DELETE FROM outbox WHERE id = ANY(ARRAY(
                      SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED))
-                 RETURNING id, target, route, body, task_id, message_id",
+                 RETURNING id, target, route, body, task_id, message_id, traceparent",
             )
             .await
             .context("preparing outbox take")?;
@@ -135,18 +149,36 @@ impl OutboxRelay {
         // RETURNING has no order; publish in the order the rows were written.
         rows.sort_by_key(|row| row.get::<_, i64>(0));
         let mut messages = Vec::with_capacity(rows.len());
+        // One producer span per traced row, child of the request or event that wrote it;
+        // they end once the batch is confirmed.
+        let mut spans = Vec::new();
         for row in &rows {
             let target: String = row.get(1);
             let route: String = row.get(2);
+            let task_id = row.get::<_, Option<Uuid>>(4);
+            let mut traceparent: Option<String> = row.get(6);
+            if let Some(stored) = traceparent.take() {
+                let span = tracing::info_span!(
+                    "outbox publish",
+                    otel.name = %format!("{route} publish"),
+                    otel.kind = "producer",
+                    task_id = %task_id.map(|t| t.to_string()).unwrap_or_default(),
+                    trace_id = tracing::field::Empty,
+                );
+                telemetry::continue_trace(&span, Some(&stored));
+                traceparent = telemetry::traceparent_of(&span).or(Some(stored));
+                spans.push(span);
+            }
             messages.push(Outgoing {
-                target: if target == "control" {
-                    Target::Control
-                } else {
-                    Target::Queue(route)
+                target: match target.as_str() {
+                    "control" => Target::Control,
+                    "stream" => Target::Stream,
+                    _ => Target::Queue(route),
                 },
                 body: row.get(3),
-                task_id: row.get::<_, Option<Uuid>>(4),
+                task_id,
                 message_id: row.get(5),
+                traceparent,
             });
         }
         self.broker
@@ -156,6 +188,7 @@ impl OutboxRelay {
         // A crash between the confirm and this commit republishes the batch; consumers
         // drop duplicates (jobs by attempt, status by sequence, webhooks by id).
         tx.commit().await.context("committing relay batch")?;
+        drop(spans);
         self.metrics.outbox_published.inc_by(messages.len() as u64);
         Ok(messages.len())
     }

@@ -445,6 +445,7 @@ async fn insert_tasks_with_jobs(
     let mut ats: Vec<DateTime<Utc>> = Vec::with_capacity(n);
     let mut bodies = Vec::with_capacity(n);
     let mut message_ids = Vec::with_capacity(n);
+    let mut traceparents = Vec::with_capacity(n);
     let mut images = Vec::with_capacity(n);
     let mut retries = Vec::with_capacity(n);
     let mut batches = Vec::with_capacity(n);
@@ -467,6 +468,7 @@ async fn insert_tasks_with_jobs(
         ats.push(t.created_at);
         bodies.push(s.job.body.as_slice());
         message_ids.push(s.job.message_id.as_deref());
+        traceparents.push(s.job.traceparent.as_deref());
         images.push(t.image_url.as_deref());
         retries.push(t.webhook_retry.as_ref().map(ToString::to_string));
         batches.push(
@@ -482,10 +484,10 @@ async fn insert_tasks_with_jobs(
                  SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::int4[], $8::int4[], $9::int4[], $10::int4[], $11::int8[],
                      $12::text[], $13::jsonb[], $14::text[], $15::timestamptz[], $16::bytea[],
-                     $17::text[], $19::text[], $20::text[], $21::jsonb[])
+                     $17::text[], $19::text[], $20::text[], $21::jsonb[], $22::text[])
                  AS s (id, api_key_id, model, provider, upstream_model, prompt, duration, width,
                      height, fps, seed, webhook_url, webhook_headers, webhook_events, created_at,
-                     job, message_id, image_url, webhook_retry, webhook_batch)
+                     job, message_id, image_url, webhook_retry, webhook_batch, traceparent)
              ), task AS (
                  INSERT INTO tasks (id, api_key_id, attempt, status, model, provider,
                      upstream_model, prompt, duration, width, height, fps, seed, webhook_url,
@@ -496,8 +498,8 @@ async fn insert_tasks_with_jobs(
                      string_to_array(webhook_events, ','), created_at, created_at, image_url,
                      webhook_retry, webhook_batch
                  FROM submit)
-             INSERT INTO outbox (target, route, body, task_id, message_id)
-             SELECT 'queue', $18, job, id, message_id FROM submit",
+             INSERT INTO outbox (target, route, body, task_id, message_id, traceparent)
+             SELECT 'queue', $18, job, id, message_id, traceparent FROM submit",
         )
         .await
         .context("preparing the batch insert")?;
@@ -527,6 +529,7 @@ async fn insert_tasks_with_jobs(
                 &images,
                 &retries,
                 &batches,
+                &traceparents,
             ],
         )
         .await

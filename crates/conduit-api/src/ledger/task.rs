@@ -167,6 +167,7 @@ impl TaskRow {
             },
             submitted_at: self.updated_at,
             image_url: self.image_url.clone(),
+            checkpoint: None,
         }
     }
 

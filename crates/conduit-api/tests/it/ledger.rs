@@ -4,7 +4,12 @@
 use std::time::Duration;
 
 use conduit_core::{
-    messages::StatusKind, payload::CANCELLED_ERROR, storage::video_key, topology::route, Source,
+    messages::{AttemptOutcome, DeliveryState, StatusKind, SCHEMA_VERSION},
+    payload::{WebhookEvent, CANCELLED_ERROR},
+    storage::video_key,
+    time::now_millis,
+    topology::route,
+    Source,
 };
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -23,6 +28,23 @@ fn progress(percent: u8) -> StatusKind {
         percent,
         message: format!("Rendering {percent}%"),
         eta_seconds: Some(10),
+    }
+}
+
+/// The sender's word that `webhook_id` was delivered.
+fn settled(task_id: Uuid, webhook_id: &str, event: WebhookEvent) -> AttemptOutcome {
+    AttemptOutcome {
+        v: SCHEMA_VERSION,
+        webhook_id: webhook_id.to_owned(),
+        task_id,
+        event,
+        attempt: 1,
+        attempted_at: now_millis(),
+        duration_ms: 5,
+        status_code: Some(200),
+        error: None,
+        state: DeliveryState::Delivered,
+        next_attempt_at: None,
     }
 }
 
@@ -116,6 +138,21 @@ async fn a_task_runs_through_processing_progress_and_completed() {
     assert_eq!(payload["progress_percentage"], 40);
     assert_eq!(payload["estimated_seconds_remaining"], 10);
     assert_eq!(payload["task_id"], id.to_string());
+    // The sender settles the progress webhook, so the task's next one is released at once.
+    app.publish(
+        route::OUTCOMES,
+        &settled(
+            id,
+            hook["webhook_id"].as_str().unwrap(),
+            WebhookEvent::Progress,
+        ),
+    )
+    .await;
+    eventually("the progress webhook settled", TIMEOUT, || async {
+        let log = app.webhook_log(id).await;
+        (log[0]["status"] == "delivered").then_some(())
+    })
+    .await;
 
     app.status_event(id, 1, 3, completed(id, 1)).await;
     let t = app.wait_status(id, "completed").await;
@@ -166,7 +203,8 @@ async fn a_task_runs_through_processing_progress_and_completed() {
     let log = app.webhook_log(id).await;
     let events: Vec<&str> = log.iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["progress", "completed"]);
-    assert!(log.iter().all(|e| e["status"] == "pending"));
+    assert_eq!(log[0]["status"], "delivered");
+    assert_eq!(log[1]["status"], "pending");
     assert_eq!(log[1]["webhook_id"], hook["webhook_id"]);
     assert_eq!(log[1]["webhook_type"], "video_generation_completed");
     app.stop().await;
@@ -429,5 +467,68 @@ async fn a_taken_over_job_completes_even_when_its_sequence_starts_again() {
     let t = app.task(id).await;
     assert_eq!(t["status"], "completed");
     assert!(t.get("error").is_none());
+    app.stop().await;
+}
+
+/// At most one webhook per task in flight, whatever the number of senders: an event
+/// recorded while the previous webhook is unsettled waits, progress that piles up
+/// meanwhile is coalesced to the newest, and the outcome that settles the previous one
+/// releases the next.
+#[tokio::test]
+async fn a_tasks_next_webhook_waits_until_the_previous_one_is_settled() {
+    let app = TestApp::spawn().await;
+    let mut hooks = app.collect(Source::Queue(route::WEBHOOKS.into()));
+    let id = app.submit_ok(&hooked()).await;
+    app.status_event(
+        id,
+        1,
+        1,
+        StatusKind::Processing {
+            message: "Starting".into(),
+        },
+    )
+    .await;
+    app.status_event(id, 1, 2, progress(10)).await;
+    let first = hooks.next().await;
+    assert_eq!(first["event"], "progress");
+
+    // While the first is in flight: two more progress events and the terminal one.
+    app.status_event(id, 1, 3, progress(40)).await;
+    app.status_event(id, 1, 4, progress(70)).await;
+    app.status_event(id, 1, 5, completed(id, 1)).await;
+    app.wait_status(id, "completed").await;
+    assert!(
+        hooks.drain_for(Duration::from_millis(500)).await.is_empty(),
+        "a webhook was released while the task's previous one was in flight"
+    );
+    let log = app.webhook_log(id).await;
+    let statuses: Vec<&str> = log.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    // The superseded progress is dropped; the terminal one waits (pending, not yet due).
+    assert_eq!(statuses, ["pending", "dropped", "dropped", "pending"]);
+    assert!(log[3].get("next_attempt_at").is_none() || log[3]["next_attempt_at"].is_null());
+
+    // A retry scheduled for the first releases nothing; its final outcome does.
+    let mut retrying = settled(
+        id,
+        first["webhook_id"].as_str().unwrap(),
+        WebhookEvent::Progress,
+    );
+    retrying.state = DeliveryState::Pending;
+    retrying.status_code = Some(500);
+    retrying.next_attempt_at = Some(now_millis() + chrono::Duration::seconds(5));
+    app.publish(route::OUTCOMES, &retrying).await;
+    assert!(hooks.drain_for(Duration::from_millis(500)).await.is_empty());
+    let mut done = settled(
+        id,
+        first["webhook_id"].as_str().unwrap(),
+        WebhookEvent::Progress,
+    );
+    done.attempt = 2;
+    done.attempted_at = now_millis();
+    app.publish(route::OUTCOMES, &done).await;
+    let next = hooks.next().await;
+    assert_eq!(next["event"], "completed");
+    assert_eq!(next["webhook_id"], log[3]["webhook_id"]);
+    assert!(hooks.drain_for(Duration::from_millis(300)).await.is_empty());
     app.stop().await;
 }

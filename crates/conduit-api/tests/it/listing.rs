@@ -82,8 +82,11 @@ async fn bad_query_values_are_400_invalid_value() {
         ("limit=0", "limit"),
         ("limit=101", "limit"),
         ("limit=ten", "limit"),
+        ("limit=", "limit"),
         ("status=done", "status"),
+        ("status=", "status"),
         ("after=not-a-uuid", "after"),
+        ("after=", "after"),
         ("after=01a22319-48ae-7573-9fc6-3d72847f4d89", "after"),
     ] {
         let (status, json) = app

@@ -17,6 +17,7 @@ mod ledger;
 mod listing;
 mod openapi;
 mod outbox;
+mod stream;
 mod submit;
 mod validation;
 mod videos;

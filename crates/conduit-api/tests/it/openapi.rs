@@ -4,7 +4,9 @@ use serde_json::Value;
 
 use crate::helpers::TestApp;
 
-const ROUTES: [(&str, &str); 15] = [
+const ROUTES: [(&str, &str); 18] = [
+    ("get", "/v1/videos/generations/tasks/{task_id}/events"),
+    ("get", "/v1/stream"),
     ("post", "/v1/videos/generations/async"),
     ("get", "/v1/videos/generations/tasks"),
     ("get", "/v1/videos/generations/tasks/{task_id}"),
@@ -20,6 +22,7 @@ const ROUTES: [(&str, &str); 15] = [
     ("get", "/v1/models"),
     ("get", "/v1/videos/files/{task_id}"),
     ("get", "/openapi.json"),
+    ("get", "/docs"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),

@@ -13,15 +13,16 @@
 //! default); fal takes an `https` URL or a data URI there. A model entry's
 //! `image_upstream_model` names the image-to-video endpoint when it differs.
 //!
-//! A task that is cancelled, times out or is handed back sends `PUT cancel_url`, which
-//! fal honours while the request is still queued.
+//! A task that is cancelled or times out sends `PUT cancel_url`, which fal honours while
+//! the request is still queued. The request id and its three URLs are the attempt's
+//! upstream checkpoint: a run that takes the attempt over polls the same request.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::Method;
 use serde::Deserialize;
@@ -34,6 +35,8 @@ use super::{
 };
 
 const NAME: &str = "fal";
+/// The provider name jobs carry.
+const PROVIDER: &str = "fal";
 const KEY_SETTING: &str = "CONDUIT__PROVIDERS__FAL__API_KEY";
 
 pub struct FalProvider {
@@ -52,6 +55,24 @@ struct Queued {
     response_url: String,
     #[serde(default)]
     cancel_url: String,
+}
+
+/// Where a submit's URLs are kept in the attempt's checkpoint.
+const STATUS_URL: &str = "status_url";
+const RESPONSE_URL: &str = "response_url";
+const CANCEL_URL: &str = "cancel_url";
+
+impl Queued {
+    /// The submit's answer as the attempt's checkpoint keeps it.
+    fn from_checkpoint(job: &UpstreamJob) -> Self {
+        let url = |key: &str| job.extra.get(key).cloned().unwrap_or_default();
+        Self {
+            request_id: job.id.clone(),
+            status_url: url(STATUS_URL),
+            response_url: url(RESPONSE_URL),
+            cancel_url: url(CANCEL_URL),
+        }
+    }
 }
 
 /// The answer of a status poll.
@@ -199,27 +220,46 @@ impl Provider for FalProvider {
         let cancel = &ctx.cancel;
         let (model, input) = self.submit_request(job)?;
         let path = format!("/{model}");
-        let queued: Queued = up
-            .call(
-                cancel,
-                "queue the request",
-                || up.request(Method::POST, &path).json(&input),
-                |reply| {
-                    if let Some(step) = http_step(reply) {
-                        return step;
-                    }
-                    match reply.json::<Queued>() {
-                        Err(e) => Step::Fail(format!("fal answered the submit with {e}")),
-                        Ok(q) if q.request_id.is_empty() || q.status_url.is_empty() => Step::Fail(
-                            "fal answered the submit without a request_id or status_url".into(),
-                        ),
-                        Ok(q) => Step::Done(q),
-                    }
-                },
-            )
+        let (path, input) = (&path, &input);
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(job, PROVIDER, cancel, || async move {
+                let queued: Queued = up
+                    .call(
+                        cancel,
+                        "queue the request",
+                        || up.request(Method::POST, path).json(input),
+                        |reply| {
+                            if let Some(step) = http_step(reply) {
+                                return step;
+                            }
+                            match reply.json::<Queued>() {
+                                Err(e) => Step::Fail(format!("fal answered the submit with {e}")),
+                                Ok(q) if q.request_id.is_empty() || q.status_url.is_empty() => {
+                                    Step::Fail(
+                                        "fal answered the submit without a request_id or status_url"
+                                            .into(),
+                                    )
+                                }
+                                Ok(q) => Step::Done(q),
+                            }
+                        },
+                    )
+                    .await?;
+                // The URLs fal answered are what polling needs, on a takeover too.
+                Ok(UpstreamJob::new(PROVIDER, queued.request_id)
+                    .with_extra(STATUS_URL, queued.status_url)
+                    .with_extra(RESPONSE_URL, queued.response_url)
+                    .with_extra(CANCEL_URL, queued.cancel_url))
+            })
             .await?;
+        let queued = Queued::from_checkpoint(&upstream);
         let id = queued.request_id.clone();
-        info!(provider = "fal", request_id = %id, endpoint = %model, "request queued");
+        if resumed {
+            info!(provider = PROVIDER, request_id = %id, endpoint = %model, "resuming the queued request");
+        } else {
+            info!(provider = PROVIDER, request_id = %id, endpoint = %model, "request queued");
+        }
         let status_url = self.own_url(&queued.status_url, "status_url")?;
         // From here on, a task the worker stops waiting for cancels the request.
         let mut stop = if queued.cancel_url.is_empty() {
@@ -227,6 +267,7 @@ impl Provider for FalProvider {
         } else {
             let cancel_url = self.own_url(&queued.cancel_url, "cancel_url")?;
             Some(up.stop_on_drop(
+                &ctx,
                 format!("cancelling fal request {id}"),
                 up.stop_request_url(Method::PUT, &cancel_url),
             ))

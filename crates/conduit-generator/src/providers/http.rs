@@ -368,13 +368,24 @@ impl Upstream {
     /// Arms a stop of the upstream job: `stop` is sent if the guard is dropped while
     /// armed, that is when the worker stops waiting (cancel, timeout, shutdown) or the
     /// adapter gives up before the upstream job ended.
-    pub fn stop_on_drop<F>(&self, what: String, stop: F) -> StopGuard
+    ///
+    /// While the attempt is being handed back (shutdown) the upstream job is left
+    /// running: the run that takes the attempt over resumes it.
+    pub fn stop_on_drop<F>(&self, ctx: &GenerationContext, what: String, stop: F) -> StopGuard
     where
         F: Future<Output = Result<(), String>> + Send + 'static,
     {
         let name = self.name;
         let key = self.key.clone();
+        let upstream = ctx.upstream.clone();
         StopGuard(Some(Box::pin(async move {
+            if upstream.handing_back() {
+                tracing::info!(
+                    provider = name,
+                    "{what}: skipped, the attempt is handed back"
+                );
+                return;
+            }
             match tokio::time::timeout(Duration::from_secs(30), stop).await {
                 Ok(Ok(())) => tracing::info!(provider = name, "{what}: done"),
                 Ok(Err(why)) => {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount, ResolutionTier},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::Method;
 use serde::Deserialize;
@@ -219,27 +219,43 @@ impl Provider for MiniMaxProvider {
             // MiniMax takes a public URL or a data URI as the first frame.
             body["first_frame_image"] = json!(image);
         }
-        let task_id: String = up
-            .call(
-                cancel,
-                "submit the video task",
-                || up.request(Method::POST, "/v1/video_generation").json(&body),
-                |reply| {
-                    if let Some(step) = http_step(reply) {
-                        return step;
-                    }
-                    match reply.json::<Created>() {
-                        Err(e) => Step::Fail(format!("MiniMax answered the submit with {e}")),
-                        Ok(c) if c.base_resp.status_code != 0 => base_resp_step(&c.base_resp),
-                        Ok(c) if c.task_id.is_empty() => {
-                            Step::Fail("MiniMax answered the submit without a task_id".into())
-                        }
-                        Ok(c) => Step::Done(c.task_id),
-                    }
-                },
-            )
+        let body = &body;
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(job, "minimax", cancel, || async {
+                let task_id: String = up
+                    .call(
+                        cancel,
+                        "submit the video task",
+                        || up.request(Method::POST, "/v1/video_generation").json(body),
+                        |reply| {
+                            if let Some(step) = http_step(reply) {
+                                return step;
+                            }
+                            match reply.json::<Created>() {
+                                Err(e) => {
+                                    Step::Fail(format!("MiniMax answered the submit with {e}"))
+                                }
+                                Ok(c) if c.base_resp.status_code != 0 => {
+                                    base_resp_step(&c.base_resp)
+                                }
+                                Ok(c) if c.task_id.is_empty() => Step::Fail(
+                                    "MiniMax answered the submit without a task_id".into(),
+                                ),
+                                Ok(c) => Step::Done(c.task_id),
+                            }
+                        },
+                    )
+                    .await?;
+                Ok(UpstreamJob::new("minimax", task_id))
+            })
             .await?;
-        info!(provider = "minimax", upstream_task_id = %task_id, %resolution, "video task submitted");
+        let task_id = upstream.id;
+        if resumed {
+            info!(provider = "minimax", upstream_task_id = %task_id, "resuming the video task");
+        } else {
+            info!(provider = "minimax", upstream_task_id = %task_id, %resolution, "video task submitted");
+        }
         ctx.progress.report(ProgressUpdate {
             percent: 2,
             message: "Submitted to MiniMax".into(),

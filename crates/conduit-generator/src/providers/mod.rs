@@ -4,6 +4,11 @@
 //! A model maps to its provider through `settings.models[model].provider`, resolved by
 //! the API at submit time and carried in the job. A remote provider is registered only
 //! once its credential is configured.
+//!
+//! A remote adapter submits at most one upstream job per attempt: it gets its upstream
+//! job through [`UpstreamCheckpoint::submit_once`], which hands back the job an earlier
+//! run of the attempt submitted (a takeover after a crash or a hand-back) or runs the
+//! submit and makes the new job's id durable before the adapter polls it.
 
 mod fal;
 mod http;
@@ -14,11 +19,15 @@ mod openai;
 mod replicate;
 mod veo;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use conduit_core::{config::ModelSettings, messages::JobMessage, Settings};
+use conduit_core::{
+    config::ModelSettings,
+    messages::{JobMessage, UpstreamJob},
+    Settings,
+};
 use tokio_util::sync::CancellationToken;
 
 pub use fal::FalProvider;
@@ -68,6 +77,107 @@ pub struct GenerationContext {
     pub cancel: CancellationToken,
     /// Reads the job's `image_url` for providers that need the image's bytes.
     pub images: ImageLoader,
+    /// The attempt's upstream job, durable across takeovers.
+    pub upstream: UpstreamCheckpoint,
+}
+
+type RecordFn =
+    dyn Fn(UpstreamJob) -> Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>> + Send + Sync;
+
+/// An attempt's upstream job: the one an earlier run of the attempt submitted, and the
+/// way to make a newly submitted one durable (the worker publishes a checkpoint of the
+/// attempt and waits for the broker's confirm).
+#[derive(Clone)]
+pub struct UpstreamCheckpoint {
+    resume: Option<UpstreamJob>,
+    record: Arc<RecordFn>,
+    handing_back: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl UpstreamCheckpoint {
+    /// Nothing to resume; new jobs are recorded nowhere (tools, tests).
+    pub fn none() -> Self {
+        Self::new(None, |_| async { Ok(()) }, || false)
+    }
+
+    /// `resume` is the upstream job of an earlier run; `record` makes a new one durable;
+    /// `handing_back` says, when the provider's work is dropped, whether the attempt goes
+    /// on elsewhere (then its upstream job must not be stopped).
+    pub fn new<R, Fut>(
+        resume: Option<UpstreamJob>,
+        record: R,
+        handing_back: impl Fn() -> bool + Send + Sync + 'static,
+    ) -> Self
+    where
+        R: Fn(UpstreamJob) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        Self {
+            resume,
+            record: Arc::new(move |job| Box::pin(record(job))),
+            handing_back: Arc::new(handing_back),
+        }
+    }
+
+    /// The upstream job of `provider` for `model` that an earlier run of this attempt
+    /// submitted.
+    pub fn resumable(&self, provider: &str, model: &str) -> Option<&UpstreamJob> {
+        self.resume
+            .as_ref()
+            .filter(|j| j.provider == provider && j.model.as_deref().is_none_or(|m| m == model))
+    }
+
+    /// The model whose upstream job an earlier run of this attempt submitted, if any: a
+    /// takeover goes on with that model rather than starting the fallback list over.
+    pub fn resumed_model(&self) -> Option<&str> {
+        self.resume.as_ref().and_then(|j| j.model.as_deref())
+    }
+
+    /// True while the attempt is being handed to another run: an upstream job must then
+    /// be left running for it to resume.
+    pub fn handing_back(&self) -> bool {
+        (self.handing_back)()
+    }
+
+    /// The attempt's upstream job at `provider` for `job`'s model: the one an earlier
+    /// run submitted, or a new one from `submit`, returned only once its checkpoint is
+    /// durable (retried until it is, or `cancel` fires). The flag is true for a resumed
+    /// job.
+    pub async fn submit_once<F, Fut>(
+        &self,
+        job: &JobMessage,
+        provider: &str,
+        cancel: &CancellationToken,
+        submit: F,
+    ) -> Result<(UpstreamJob, bool), GenerationError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<UpstreamJob, GenerationError>>,
+    {
+        if let Some(earlier) = self.resumable(provider, &job.model) {
+            tracing::info!(provider, upstream_job = %earlier.id, "resuming the upstream job of an earlier run");
+            return Ok((earlier.clone(), true));
+        }
+        let mut job = UpstreamJob {
+            model: Some(job.model.clone()),
+            ..submit().await?
+        };
+        job.provider = provider.to_owned();
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match (self.record)(job.clone()).await {
+                Ok(()) => return Ok((job, false)),
+                Err(err) => {
+                    tracing::warn!(provider, upstream_job = %job.id, error = %format!("{err:#}"), "could not record the upstream job yet; retrying before polling it");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => return Err(GenerationError::Cancelled),
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
 }
 
 /// A finished video, ready to be stored.
@@ -190,6 +300,23 @@ impl Providers {
     }
 
     /// The provider of `job`, or the user-facing reason it cannot run here.
+    /// The names of the providers this generator runs.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.by_name.keys().map(String::as_str)
+    }
+
+    /// The provider name `job` runs on, for metrics and spans (`unknown` if none).
+    pub fn name_for(&self, job: &JobMessage) -> String {
+        if job.provider.is_empty() {
+            self.models
+                .get(&job.model)
+                .cloned()
+                .unwrap_or_else(|| "unknown".to_owned())
+        } else {
+            job.provider.clone()
+        }
+    }
+
     pub fn resolve(&self, job: &JobMessage) -> Result<Arc<dyn Provider>, String> {
         let name = if job.provider.is_empty() {
             self.models.get(&job.model).cloned().ok_or_else(|| {
@@ -268,6 +395,7 @@ mod tests {
             },
             submitted_at: chrono::Utc::now(),
             image_url: None,
+            checkpoint: None,
         }
     }
 
@@ -337,5 +465,51 @@ mod tests {
             .collect();
         assert_eq!(names, ["local-video"]);
         assert!(providers.fallbacks(&job("local-video", "local")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_upstream_job_is_resumed_for_its_own_provider_and_model_only() {
+        let mut earlier = UpstreamJob::new("minimax", "up-1");
+        earlier.model = Some("minimax-video".into());
+        let checkpoint = UpstreamCheckpoint::new(Some(earlier), |_| async { Ok(()) }, || false);
+        assert_eq!(checkpoint.resumed_model(), Some("minimax-video"));
+        assert!(checkpoint.resumable("minimax", "minimax-video").is_some());
+        assert!(checkpoint.resumable("minimax", "minimax-fast").is_none());
+        assert!(checkpoint.resumable("replicate", "minimax-video").is_none());
+
+        let cancel = CancellationToken::new();
+        let own = job("minimax-video", "minimax");
+        let (resumed, was) = checkpoint
+            .submit_once(&own, "minimax", &cancel, || async {
+                Err(GenerationError::Failed("must not submit".into()))
+            })
+            .await
+            .expect("resumed");
+        assert!(was);
+        assert_eq!(resumed.id, "up-1");
+
+        // Another model: a new job, recorded with its provider and model.
+        let recorded = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = recorded.clone();
+        let checkpoint = UpstreamCheckpoint::new(
+            None,
+            move |job| {
+                sink.lock().expect("recorded").push(job);
+                async { Ok(()) }
+            },
+            || false,
+        );
+        let (new, was) = checkpoint
+            .submit_once(
+                &job("replicate-video", "replicate"),
+                "replicate",
+                &cancel,
+                || async { Ok(UpstreamJob::new("replicate", "p-9")) },
+            )
+            .await
+            .expect("submitted");
+        assert!(!was);
+        assert_eq!(new.model.as_deref(), Some("replicate-video"));
+        assert_eq!(recorded.lock().expect("recorded").as_slice(), [new]);
     }
 }

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::{
     multipart::{Form, Part},
@@ -34,6 +34,8 @@ use super::{
 };
 
 const NAME: &str = "The OpenAI-compatible server";
+/// The provider name jobs carry.
+const PROVIDER: &str = "openai";
 
 pub struct OpenAiProvider {
     up: Upstream,
@@ -163,44 +165,64 @@ impl Provider for OpenAiProvider {
         let model = self.upstream_model(job)?;
         let seconds = job.spec.duration_seconds.to_string();
         let size = format!("{}x{}", job.spec.width, job.spec.height);
-        let image = match &job.image_url {
-            Some(url) => Some(ctx.images.load(url, cancel).await?),
-            None => None,
-        };
-        let created = up
-            .call(
-                cancel,
-                "create the video",
-                || {
-                    let mut form = Form::new()
-                        .text("model", model.clone())
-                        .text("prompt", job.prompt.clone())
-                        .text("seconds", seconds.clone())
-                        .text("size", size.clone());
-                    if let Some(image) = &image {
-                        let part = Part::stream(image.bytes.clone())
-                            .file_name(image.file_name())
-                            .mime_str(image.mime)
-                            .unwrap_or_else(|_| Part::stream(image.bytes.clone()));
-                        form = form.part("input_reference", part);
-                    }
-                    up.request(Method::POST, "/v1/videos").multipart(form)
-                },
-                |reply| video_step(reply, "create request"),
-            )
+        // The create answer's state, for a job created by this run.
+        let mut first: Option<Video> = None;
+        let slot = &mut first;
+        let (model, seconds, size) = (&model, &seconds, &size);
+        let images = &ctx.images;
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(job, PROVIDER, cancel, || async move {
+                let image = match &job.image_url {
+                    Some(url) => Some(images.load(url, cancel).await?),
+                    None => None,
+                };
+                let created = up
+                    .call(
+                        cancel,
+                        "create the video",
+                        || {
+                            let mut form = Form::new()
+                                .text("model", model.clone())
+                                .text("prompt", job.prompt.clone())
+                                .text("seconds", seconds.clone())
+                                .text("size", size.clone());
+                            if let Some(image) = &image {
+                                let part = Part::stream(image.bytes.clone())
+                                    .file_name(image.file_name())
+                                    .mime_str(image.mime)
+                                    .unwrap_or_else(|_| Part::stream(image.bytes.clone()));
+                                form = form.part("input_reference", part);
+                            }
+                            up.request(Method::POST, "/v1/videos").multipart(form)
+                        },
+                        |reply| video_step(reply, "create request"),
+                    )
+                    .await?;
+                let upstream = UpstreamJob::new(PROVIDER, created.id.clone());
+                *slot = Some(created);
+                Ok(upstream)
+            })
             .await?;
-        let id = created.id;
-        info!(provider = "openai", upstream_video_id = %id, "video job created");
+        let id = upstream.id;
+        if resumed {
+            info!(provider = PROVIDER, upstream_video_id = %id, "resuming the video job");
+        } else {
+            info!(provider = PROVIDER, upstream_video_id = %id, "video job created");
+        }
         // From here on, a task the worker stops waiting for deletes its upstream job.
         let mut stop = up.stop_on_drop(
+            &ctx,
             format!("deleting video job {id} upstream"),
             up.stop_request(Method::DELETE, &format!("/v1/videos/{id}")),
         );
 
         let path = format!("/v1/videos/{id}");
-        let mut status = created.status;
-        let mut progress = created.progress;
-        let mut error = created.error;
+        // A resumed job's state is unknown until the first poll: wait for it as queued.
+        let (mut status, mut progress, mut error) = match first {
+            Some(created) => (created.status, created.progress, created.error),
+            None => ("queued".to_owned(), None, None),
+        };
         let mut poller = Poller::new(up);
         loop {
             match status.as_str() {

@@ -10,15 +10,17 @@
 //!    `canceled`;
 //! 3. the output URL is downloaded.
 //!
-//! A task that is cancelled, times out or is handed back at shutdown sends
-//! `POST /v1/predictions/{id}/cancel`, so Replicate stops (and stops billing) the run.
+//! A task that is cancelled or times out sends `POST /v1/predictions/{id}/cancel`, so
+//! Replicate stops (and stops billing) the run. At shutdown the prediction is left
+//! running: its id is the attempt's upstream checkpoint, and the run that takes the
+//! attempt over polls it.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::Method;
 use serde::Deserialize;
@@ -29,6 +31,9 @@ use super::{
     http::{Poller, ProgressEstimate, Reply, Step, Upstream},
     GeneratedVideo, GenerationContext, GenerationError, ProgressUpdate, Provider,
 };
+
+/// The provider name jobs carry.
+const PROVIDER: &str = "replicate";
 
 pub struct ReplicateProvider {
     up: Upstream,
@@ -210,24 +215,52 @@ impl Provider for ReplicateProvider {
         let up = &self.up;
         let cancel = &ctx.cancel;
         let (create_path, body) = self.create_request(job)?;
-        let created = up
-            .call(
-                cancel,
-                "create the prediction",
-                || up.request(Method::POST, &create_path).json(&body),
-                |reply| prediction_step(reply, "create request"),
-            )
+        let mut first: Option<Prediction> = None;
+        let slot = &mut first;
+        let (create_path, body) = (&create_path, &body);
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(job, PROVIDER, cancel, || async move {
+                let created = up
+                    .call(
+                        cancel,
+                        "create the prediction",
+                        || up.request(Method::POST, create_path).json(body),
+                        |reply| prediction_step(reply, "create request"),
+                    )
+                    .await?;
+                let upstream = UpstreamJob::new(PROVIDER, created.id.clone());
+                *slot = Some(created);
+                Ok(upstream)
+            })
             .await?;
-        let id = created.id.clone();
-        info!(provider = "replicate", prediction_id = %id, "prediction created");
+        let id = upstream.id;
+        if resumed {
+            info!(provider = PROVIDER, prediction_id = %id, "resuming the prediction");
+        } else {
+            info!(provider = PROVIDER, prediction_id = %id, "prediction created");
+        }
         // From here on, a task the worker stops waiting for cancels the prediction.
         let mut stop = up.stop_on_drop(
+            &ctx,
             format!("cancelling prediction {id}"),
             up.stop_request(Method::POST, &format!("/v1/predictions/{id}/cancel")),
         );
 
         let path = format!("/v1/predictions/{id}");
-        let mut prediction = created;
+        let mut prediction = match first {
+            Some(created) => created,
+            // A resumed prediction: where it stands now.
+            None => {
+                up.call(
+                    cancel,
+                    "check the prediction",
+                    || up.request(Method::GET, &path),
+                    |reply| prediction_step(reply, "status request"),
+                )
+                .await?
+            }
+        };
         let mut poller = Poller::new(up);
         let mut estimate = ProgressEstimate::default();
         let url = loop {

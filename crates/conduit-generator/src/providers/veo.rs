@@ -13,14 +13,15 @@
 //!
 //! An image-to-video request sends the image inline, as `instances[0].image` with
 //! `bytesBase64Encoded` and `mimeType`. The Gemini API has no way to cancel an
-//! operation: a cancelled task just stops polling.
+//! operation: a cancelled task just stops polling. The operation's name is the
+//! attempt's upstream checkpoint: a run that takes the attempt over polls it.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use conduit_core::{
     config::{ModelSettings, ProviderAccount},
-    messages::JobMessage,
+    messages::{JobMessage, UpstreamJob},
 };
 use reqwest::Method;
 use serde::Deserialize;
@@ -33,6 +34,8 @@ use super::{
 };
 
 const NAME: &str = "Veo";
+/// The provider name jobs carry.
+const PROVIDER: &str = "veo";
 const KEY_SETTING: &str = "CONDUIT__PROVIDERS__VEO__API_KEY";
 
 pub struct VeoProvider {
@@ -196,35 +199,59 @@ impl Provider for VeoProvider {
         let up = &self.up;
         let cancel = &ctx.cancel;
         let model = self.upstream_model(job)?;
-        let mut instance = json!({"prompt": job.prompt});
-        if let Some(image_url) = &job.image_url {
-            let image = ctx.images.load(image_url, cancel).await?;
-            instance["image"] = json!({
-                "bytesBase64Encoded": image.base64(),
-                "mimeType": image.mime,
-            });
-        }
-        let (w, h) = (job.spec.width, job.spec.height);
-        let mut parameters = json!({
-            "aspectRatio": if w >= h { "16:9" } else { "9:16" },
-            "resolution": if w.min(h) >= 1080 { "1080p" } else { "720p" },
-            "durationSeconds": job.spec.duration_seconds,
-        });
-        if let Some(seed) = job.spec.seed {
-            parameters["seed"] = json!(seed);
-        }
-        let body = json!({"instances": [instance], "parameters": parameters});
-        let path = format!("/v1beta/models/{model}:predictLongRunning");
-        let mut operation = up
-            .call(
-                cancel,
-                "start the generation",
-                || up.request(Method::POST, &path).json(&body),
-                |reply| operation_step(reply, "generation request"),
-            )
+        let images = &ctx.images;
+        let model = &model;
+        // The first answer, for an operation started by this run.
+        let mut first: Option<Operation> = None;
+        let slot = &mut first;
+        let (upstream, resumed) = ctx
+            .upstream
+            .submit_once(job, PROVIDER, cancel, || async move {
+                let mut instance = json!({"prompt": job.prompt});
+                if let Some(image_url) = &job.image_url {
+                    let image = images.load(image_url, cancel).await?;
+                    instance["image"] = json!({
+                        "bytesBase64Encoded": image.base64(),
+                        "mimeType": image.mime,
+                    });
+                }
+                let (w, h) = (job.spec.width, job.spec.height);
+                let mut parameters = json!({
+                    "aspectRatio": if w >= h { "16:9" } else { "9:16" },
+                    "resolution": if w.min(h) >= 1080 { "1080p" } else { "720p" },
+                    "durationSeconds": job.spec.duration_seconds,
+                });
+                if let Some(seed) = job.spec.seed {
+                    parameters["seed"] = json!(seed);
+                }
+                let body = json!({"instances": [instance], "parameters": parameters});
+                let path = format!("/v1beta/models/{model}:predictLongRunning");
+                let operation = up
+                    .call(
+                        cancel,
+                        "start the generation",
+                        || up.request(Method::POST, &path).json(&body),
+                        |reply| operation_step(reply, "generation request"),
+                    )
+                    .await?;
+                let upstream = UpstreamJob::new(PROVIDER, operation.name.clone());
+                *slot = Some(operation);
+                Ok(upstream)
+            })
             .await?;
-        let name = operation.name.clone();
-        info!(provider = "veo", operation = %name, "operation started");
+        let name = upstream.id;
+        if resumed {
+            info!(provider = PROVIDER, operation = %name, "resuming the operation");
+        } else {
+            info!(provider = PROVIDER, operation = %name, "operation started");
+        }
+        // A resumed operation's state is unknown until the first poll.
+        let mut operation = first.unwrap_or_else(|| Operation {
+            name: name.clone(),
+            done: false,
+            error: None,
+            response: None,
+        });
         ctx.progress.report(ProgressUpdate {
             percent: 2,
             message: "Submitted to Veo".into(),

@@ -81,3 +81,33 @@ async fn a_task_cancelled_while_queued_is_never_rendered() {
     app.stop().await;
     h.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_cancel_sent_before_any_generator_started_holds() {
+    let mut h = Harness::new(|_| {}).await;
+    let job = h.job("cancelled before any generator ran", 160, 96, 1, 4);
+    h.submit(&job).await;
+    h.cancel(&job).await;
+    // Started after the cancel: it learns of it from the lifecycle stream.
+    let app = h.start_app().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.metric("conduit_generator_jobs_cancelled_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled job was not skipped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(h.broker.queue_depth(route::JOBS).await.expect("depth"), 0);
+    assert!(
+        h.next_event(Duration::from_secs(1)).await.is_none(),
+        "the cancelled job published an event"
+    );
+    assert_eq!(
+        app.metric("conduit_generator_jobs_started_total").await,
+        0.0
+    );
+    assert!(!h.stored_path(&video_key(job.task_id, job.attempt)).exists());
+    app.stop().await;
+    h.cleanup().await;
+}

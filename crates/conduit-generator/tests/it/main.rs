@@ -99,6 +99,7 @@ impl Harness {
             },
             submitted_at: conduit_core::time::now_millis(),
             image_url: None,
+            checkpoint: None,
         }
     }
 

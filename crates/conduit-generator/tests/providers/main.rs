@@ -23,7 +23,7 @@ use conduit_core::{
 };
 use conduit_generator::providers::{
     GeneratedVideo, GenerationContext, GenerationError, ImageLoader, ProgressReporter,
-    ProgressUpdate, Provider,
+    ProgressUpdate, Provider, UpstreamCheckpoint,
 };
 use conduit_testkit::fakes::FakeProvider;
 use tokio_util::sync::CancellationToken;
@@ -78,6 +78,7 @@ pub fn job(
         },
         submitted_at: conduit_core::time::now_millis(),
         image_url: None,
+        checkpoint: None,
     }
 }
 
@@ -129,6 +130,7 @@ pub fn context(cancel: CancellationToken) -> (GenerationContext, Arc<Mutex<Vec<P
         }),
         cancel,
         images: ImageLoader::new(true),
+        upstream: UpstreamCheckpoint::none(),
     };
     (ctx, progress)
 }

@@ -129,6 +129,7 @@ async fn unreadable_messages_go_to_the_dead_letter_queue() {
         body: b"{not json".to_vec(),
         task_id: None,
         message_id: None,
+        traceparent: None,
     };
     h.broker.publish(garbage).await.expect("published");
     let dead = h

@@ -249,6 +249,7 @@ pub fn delivery_of(url: &str, payload: &WebhookPayload) -> WebhookDelivery {
         retry: None,
         batch: None,
         previous_secret: None,
+        video_link: None,
     }
 }
 
