@@ -451,6 +451,7 @@ mod tests {
             },
             submitted_at: crate::time::now_millis(),
             image_url: None,
+            checkpoint: None,
         };
         assert_eq!(job.message_id(), job_message_id(task_id, 2));
     }

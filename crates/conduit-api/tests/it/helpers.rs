@@ -24,7 +24,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(20);
 pub use conduit_testkit::eventually;
 
 /// Builds the API from `settings` and runs it in this process (port 0).
-async fn start_api(settings: Settings) -> RunningApp {
+pub async fn start_api(settings: Settings) -> RunningApp {
     let app = App::build(settings).await.expect("API builds");
     RunningApp::spawn("API", app.port(), |stop| app.run_until_stopped(stop))
 }
