@@ -417,6 +417,13 @@ impl Stack {
         i
     }
 
+    /// Starts another API process (replica `index`, 1 and up; it names the log) on the
+    /// stack's database and namespace, ready; the caller owns it.
+    pub async fn spawn_api(&self, index: usize) -> Proc {
+        assert!(index > 0, "replica 0 is the stack's own API");
+        self.add("conduit-api", index).await
+    }
+
     async fn add(&self, bin: &str, index: usize) -> Proc {
         let mut p = self
             .env
