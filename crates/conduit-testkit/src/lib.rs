@@ -3,8 +3,8 @@
 //! ([`stack`]), a service running inside the test process ([`RunningApp`]), and
 //! [`eventually`].
 //!
-//! A new provider's fake belongs in `fakes/<provider>.rs`, a submodule of [`fakes`]
-//! next to the existing ones, with its [`Protocol`] variant.
+//! A new provider's fake belongs in `fake_<provider>.rs` beside [`fake_fal`] and
+//! [`fake_veo`], built on the shared [`fakes::FakeServer`].
 //!
 //! It is a dev-dependency of the services' tests and the system tests, and a dependency
 //! of the benchmark tool; a service crate never depends on it in `[dependencies]`.
