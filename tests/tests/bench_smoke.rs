@@ -2,14 +2,9 @@
 //! keeps working as the services change. It asserts that every phase produced figures,
 //! never how fast anything was.
 
-use std::path::PathBuf;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_smoke_runs_every_phase() {
-    let bin_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-        .join("debug");
+    let bin_dir = conduit_testkit::stack::debug_bin_dir();
     let report = conduit_bench::run(conduit_bench::Options::smoke(bin_dir))
         .await
         .expect("the smoke benchmark runs");

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use conduit_system_tests::{
+use conduit_testkit::{
     eventually,
     stack::{free_port, Proc},
     Receiver, Reply, Stack, StackOptions,
@@ -35,11 +35,11 @@ impl PrivateRabbit {
         let dir = std::env::temp_dir().join(format!("conduit-rabbit-{}", &tag[..12]));
         let home = dir.join("home");
         std::fs::create_dir_all(&home).expect("create private RabbitMQ folder");
-        let port = free_port();
+        let port = free_port().expect("a free port");
         let rabbit = Self {
             node,
             port,
-            dist_port: free_port(),
+            dist_port: free_port().expect("a free port"),
             dir,
         };
         std::fs::write(home.join(".erlang.cookie"), format!("CONDUIT{tag}"))
@@ -226,13 +226,6 @@ async fn submit(stack: &Stack, body: &serde_json::Value) -> String {
     panic!("the API did not take a submit in 5 tries");
 }
 
-fn terminal_for(receiver: &Receiver, task: &str) -> bool {
-    receiver.received().iter().any(|h| {
-        let b = h.json();
-        b["task_id"] == task && b["status"] == "completed"
-    })
-}
-
 async fn status_of(proc: &Proc, path: &str) -> Option<u16> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
@@ -240,6 +233,75 @@ async fn status_of(proc: &Proc, path: &str) -> Option<u16> {
         .ok()?;
     let r = client.get(proc.url(path)).send().await.ok()?;
     Some(r.status().as_u16())
+}
+
+/// What an operator would look at when a task never finished: each missing task's
+/// state in the API, and every service's warnings and errors.
+async fn explain(stack: &Stack, missing: &[String]) -> String {
+    let mut out = String::new();
+    for t in missing.iter().take(10) {
+        let task = stack.task(t).await;
+        let (_, log) = stack
+            .get(&format!("/v1/videos/generations/tasks/{t}/webhooks"))
+            .await;
+        out.push_str(&format!("task {t}: {task}\n  webhooks: {log}\n"));
+    }
+    for proc in services(stack) {
+        let logs = proc.logs();
+        let lines: Vec<&str> = logs
+            .lines()
+            .filter(|l| {
+                l.contains("WARN")
+                    || l.contains("ERROR")
+                    || l.contains("\"level\":\"WARN")
+                    || l.contains("\"level\":\"ERROR")
+            })
+            .collect();
+        let tail = &lines[lines.len().saturating_sub(25)..];
+        out.push_str(&format!("--- {} ---\n{}\n", proc.url(""), tail.join("\n")));
+    }
+    out
+}
+
+fn missing_terminals(hooks: &[conduit_testkit::ReceivedWebhook], tasks: &[String]) -> Vec<String> {
+    tasks
+        .iter()
+        .filter(|t| {
+            !hooks.iter().any(|h| {
+                let b = h.json();
+                b["task_id"] == t.as_str() && b["status"] == "completed"
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// Waits up to `within` for every task's completed webhook at `receivers`; on time-out,
+/// fails with [`explain`]'s account.
+async fn all_terminal(
+    stack: &Stack,
+    receivers: &[&Receiver],
+    tasks: &[String],
+    within: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let hooks: Vec<_> = receivers.iter().flat_map(|r| r.received()).collect();
+        let missing = missing_terminals(&hooks, tasks);
+        if missing.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "{what}: {} of {} tasks have no completed webhook after {within:?}\n{}",
+                missing.len(),
+                tasks.len(),
+                explain(stack, &missing).await
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn services(stack: &Stack) -> Vec<&Proc> {
@@ -254,8 +316,10 @@ async fn twenty_rabbitmq_restarts_under_load_leave_every_service_consuming() {
     let rabbit = PrivateRabbit::start();
     let stack = stack_on(&rabbit, &[]).await;
     let fine = Receiver::start().await;
-    let slow = Receiver::scripted(vec![Reply::Hang(Duration::from_millis(1500))]).await;
-    let hanging = Receiver::scripted(vec![Reply::Hang(Duration::from_secs(3600))]).await;
+    let slow =
+        Receiver::scripted(vec![Reply::status(200).after(Duration::from_millis(1500))]).await;
+    let hanging =
+        Receiver::scripted(vec![Reply::status(200).after(Duration::from_secs(3600))]).await;
     let mut tasks = Vec::new();
     for round in 0..20 {
         // Load: renders in progress, webhooks in flight, a receiver that never answers.
@@ -291,29 +355,22 @@ async fn twenty_rabbitmq_restarts_under_load_leave_every_service_consuming() {
         // and the sender within the same 30 s.
         let probe = submit(&stack, &task(&fine, &format!("{round}.probe"), 1)).await;
         let left = RECOVERY.saturating_sub(back.elapsed());
-        eventually(
-            &format!("round {round}: the probe task's terminal webhook"),
+        all_terminal(
+            &stack,
+            &[&fine],
+            std::slice::from_ref(&probe),
             left,
-            || async { terminal_for(&fine, &probe).then_some(()) },
+            &format!("round {round}: the probe task"),
         )
         .await;
         tasks.push(probe);
     }
-    eventually(
-        "every task's terminal webhook",
+    all_terminal(
+        &stack,
+        &[&fine, &slow],
+        &tasks,
         Duration::from_secs(240),
-        || async {
-            let hooks = [fine.received(), slow.received()].concat();
-            tasks
-                .iter()
-                .all(|t| {
-                    hooks.iter().any(|h| {
-                        let b = h.json();
-                        b["task_id"] == t.as_str() && b["status"] == "completed"
-                    })
-                })
-                .then_some(())
-        },
+        "after 20 restarts",
     )
     .await;
     for proc in services(&stack) {

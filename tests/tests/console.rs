@@ -7,13 +7,12 @@
 //! test tries to install them and skips, saying so, only when that fails.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use conduit_system_tests::{eventually, Receiver, Stack};
+use conduit_testkit::{eventually, stack::free_port, Receiver, Stack};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
@@ -65,15 +64,8 @@ fn browser() -> Option<(PathBuf, PathBuf)> {
     found()
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 async fn start_driver(path: &Path) -> Driver {
-    let port = free_port();
+    let port = free_port().expect("a free port");
     let child = Command::new(path)
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
-use conduit_system_tests::{
+use conduit_testkit::{
     eventually, signature_is_valid, ReceivedWebhook, Receiver, Reply, Stack, StackOptions,
 };
 use serde_json::{json, Value};
@@ -154,7 +154,7 @@ async fn a_task_schedule_of_three_attempts() {
         ..StackOptions::default()
     })
     .await;
-    let receiver = Receiver::scripted(vec![Reply::Status(500)]).await;
+    let receiver = Receiver::scripted(vec![Reply::status(500)]).await;
     let mut b = tiny(&receiver);
     b["webhook_events"] = json!(["completed"]);
     b["webhook_retry"] = json!({"schedule": ["0s", "300ms", "300ms"]});

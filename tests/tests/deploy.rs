@@ -635,13 +635,7 @@ fn definitions() -> Json {
 /// Queue name → arguments, exactly as `Topology::declare` declares them.
 fn expected_queues(topology: &Topology) -> BTreeMap<String, Json> {
     let mut queues = BTreeMap::new();
-    for r in [
-        route::JOBS,
-        route::STATUS,
-        route::WEBHOOKS,
-        route::OUTCOMES,
-        route::DEAD_WEBHOOKS,
-    ] {
+    for r in route::QUORUM_QUEUES {
         queues.insert(topology.queue(r), json!({"x-queue-type": "quorum"}));
     }
     queues.insert(
@@ -862,7 +856,7 @@ async fn rabbitmq_definitions_import_and_services_declare_over_them() {
         );
         return;
     }
-    let amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let amqp_url = conduit_core::testing::AMQP_URL;
     let good = conduit_core::testing::unique_namespace();
     let bad = conduit_core::testing::unique_namespace();
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use conduit_system_tests::{
+use conduit_testkit::{
     eventually, signature_is_valid, ReceivedWebhook, Receiver, Stack, StackOptions,
 };
 use serde_json::{json, Value};

@@ -4,7 +4,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use conduit_system_tests::{eventually, ReceivedWebhook, Receiver, Stack, StackOptions};
+use conduit_testkit::{eventually, ReceivedWebhook, Receiver, Stack, StackOptions};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(180);
@@ -72,7 +72,10 @@ async fn sender_killed_mid_burst_loses_no_webhook() {
     stack.senders[0].kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.senders[0].restart();
-    stack.senders[0].wait_ready().await;
+    stack.senders[0]
+        .wait_ready(Stack::READY)
+        .await
+        .expect("restarted and ready");
     assert_all_delivered(&receiver, &tasks).await;
     stack.stop().await;
 }
@@ -99,7 +102,10 @@ async fn generator_killed_mid_render_has_its_job_taken_over() {
     .await;
     stack.generators[0].kill9();
     stack.generators[0].restart();
-    stack.generators[0].wait_ready().await;
+    stack.generators[0]
+        .wait_ready(Stack::READY)
+        .await
+        .expect("restarted and ready");
     assert_all_delivered(&receiver, std::slice::from_ref(&task)).await;
     let t = stack.task(&task).await;
     assert_eq!(t["status"], "completed");
@@ -117,7 +123,11 @@ async fn api_killed_with_tasks_in_flight_loses_nothing() {
     stack.api.kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.api.restart();
-    stack.api.wait_ready().await;
+    stack
+        .api
+        .wait_ready(Stack::READY)
+        .await
+        .expect("restarted and ready");
     assert_all_delivered(&receiver, &tasks).await;
     for t in &tasks {
         assert_eq!(stack.task(t).await["status"], "completed");

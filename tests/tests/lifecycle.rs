@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use conduit_system_tests::{
+use conduit_testkit::{
     eventually,
     fake_fal::FakeFal,
     fake_veo::FakeVeo,
@@ -371,7 +371,7 @@ async fn late_attempts_and_redeliveries_carry_a_working_link() {
         ..StackOptions::default()
     })
     .await;
-    let receiver = Receiver::scripted(vec![Reply::Status(500), Reply::Status(200)]).await;
+    let receiver = Receiver::scripted(vec![Reply::status(500), Reply::status(200)]).await;
     let task_id = stack
         .submit_ok(&json!({
             "model": "local-video",
@@ -420,7 +420,7 @@ async fn late_attempts_and_redeliveries_carry_a_working_link() {
     };
     assert_eq!(strip(first), strip(second));
     assert_eq!(first.header("webhook-id"), second.header("webhook-id"));
-    assert!(conduit_system_tests::signature_is_valid(
+    assert!(conduit_testkit::signature_is_valid(
         &stack.secret,
         second.header("webhook-id").unwrap_or_default(),
         second.header("webhook-timestamp").unwrap_or_default(),

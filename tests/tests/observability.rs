@@ -9,7 +9,7 @@ use std::{
 };
 
 use actix_web::{web, App, HttpResponse, HttpServer};
-use conduit_system_tests::{eventually, ReceivedWebhook, Receiver, Stack, StackOptions};
+use conduit_testkit::{eventually, ReceivedWebhook, Receiver, Stack, StackOptions};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest, common::v1::any_value,
 };

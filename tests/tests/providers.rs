@@ -1,12 +1,12 @@
 //! The remote providers end to end: the real API, broker, generator and webhook sender,
 //! with the generator pointed at a local fake of MiniMax, an OpenAI-compatible Videos
-//! server or Replicate (`conduit_system_tests::fakes`). Each test submits over HTTP and
+//! server or Replicate (`conduit_testkit::fakes`). Each test submits over HTTP and
 //! checks what a user sees (status, webhooks, the stored video, error strings) and
 //! what the provider saw (fields, polls, downloads, cancels).
 
 use std::time::Duration;
 
-use conduit_system_tests::{
+use conduit_testkit::{
     eventually,
     fake_fal::FakeFal,
     fake_veo::FakeVeo,

@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use conduit_system_tests::{eventually, Receiver, Stack};
+use conduit_testkit::{eventually, Receiver, Stack};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(240);

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use conduit_system_tests::{Stack, StackOptions};
+use conduit_testkit::{Stack, StackOptions};
 
 /// An API alone: no generator renders the tasks the fuzzer submits and no sender
 /// delivers their webhooks anywhere (the jobs wait in the stack's own queues).

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use conduit_system_tests::{
+use conduit_testkit::{
     eventually,
     stack::{binary, free_port, AMQP_URL},
     Stack, StackOptions,
@@ -226,7 +226,7 @@ impl Api {
         let dir = TempDir::new("api");
         let namespace = conduit_core::testing::unique_namespace();
         let database = format!("conduit_{namespace}");
-        let port = free_port();
+        let port = free_port().expect("a free port");
         let env = vec![
             ("CONDUIT__AMQP__URL".into(), AMQP_URL.to_owned()),
             ("CONDUIT__AMQP__NAMESPACE".into(), namespace.clone()),
@@ -460,7 +460,7 @@ fn stunnel_program() -> Option<PathBuf> {
 async fn start_stunnel(dir: &TempDir, cert: &Path, key: &Path) -> Stunnel {
     let program =
         stunnel_program().expect("stunnel is installed (scripts/test installs Debian's stunnel4)");
-    let port = free_port();
+    let port = free_port().expect("a free port");
     let conf = dir.path("stunnel.conf");
     std::fs::write(
         &conf,
@@ -523,7 +523,7 @@ async fn amqps_through_a_tls_terminator_with_a_ca_file() {
 
     // Another CA: the generator never becomes ready and says why.
     let wrong = make_ca(&dir, "other");
-    let port = free_port();
+    let port = free_port().expect("a free port");
     let env = vec![
         ("CONDUIT__AMQP__URL".into(), amqps),
         ("CONDUIT__AMQP__CA_FILE".into(), wrong.display().to_string()),

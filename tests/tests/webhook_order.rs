@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use conduit_system_tests::{eventually, ReceivedWebhook, Receiver, Reply, Stack, StackOptions};
+use conduit_testkit::{eventually, ReceivedWebhook, Receiver, Reply, Stack, StackOptions};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(240);
@@ -60,7 +60,8 @@ async fn three_senders_one_killed_keep_each_tasks_webhooks_in_order() {
     })
     .await;
     let fast = Receiver::start().await;
-    let slow = Receiver::scripted(vec![Reply::Hang(Duration::from_millis(1500))]).await;
+    let slow =
+        Receiver::scripted(vec![Reply::status(200).after(Duration::from_millis(1500))]).await;
     let mut tasks = Vec::new();
     for i in 0..TASKS {
         let receiver = if i % 2 == 0 { &slow } else { &fast };

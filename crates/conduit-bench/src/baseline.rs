@@ -18,7 +18,7 @@ use lapin::{
 };
 use serde::Serialize;
 
-use crate::stack::{pg_admin, AMQP_URL};
+use conduit_testkit::stack::{database_url, pg_admin, AMQP_URL};
 
 /// Whether `tool` is on the PATH.
 pub fn have(tool: &str) -> bool {
@@ -61,7 +61,7 @@ pub async fn pgbench(dir: &Path, clients: usize, secs: u64) -> anyhow::Result<Pg
         .context("creating the pgbench database")?;
     let result = async {
         let (client, conn) = tokio_postgres::connect(
-            &format!("host=127.0.0.1 port=5432 user=postgres dbname={db}"),
+            &database_url(&db),
             tokio_postgres::NoTls,
         )
         .await?;
@@ -345,11 +345,11 @@ impl Arrivals for BareCollector {
     }
 }
 
-impl Arrivals for crate::receiver::Receiver {
+impl Arrivals for conduit_testkit::Receiver {
     fn count(&self) -> usize {
-        crate::receiver::Receiver::count(self)
+        conduit_testkit::Receiver::count(self)
     }
     fn arrivals(&self) -> std::collections::HashMap<String, Instant> {
-        crate::receiver::Receiver::arrivals(self)
+        conduit_testkit::Receiver::arrivals(self)
     }
 }

@@ -8,9 +8,7 @@
 pub mod baseline;
 pub mod cpu;
 pub mod phases;
-pub mod receiver;
 pub mod report;
-pub mod stack;
 pub mod stats;
 pub mod stream;
 

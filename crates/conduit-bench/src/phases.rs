@@ -19,18 +19,20 @@ use conduit_core::{
     Broker, Outgoing, Service, Settings,
 };
 use conduit_generator::render::{self, RenderRequest};
+use conduit_testkit::{
+    stack::{Env, Proc, AMQP_URL},
+    Receiver,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
     baseline::{self, per_second},
     cpu::{CpuMeter, CpuUse},
-    receiver::Receiver,
     report::{
         Delivery, Isolation, Memory, Paced, PublishStats, Render, Report, ScaleOut, SubmitRow,
         Sustained,
     },
-    stack::{Env, Proc, AMQP_URL},
     stats::{ratio, Latency},
     Mode, Options, Phase, Sizes,
 };
@@ -41,11 +43,16 @@ const PROMPT: &str = "A serene mountain landscape with clouds";
 /// Share of the events sent to the hanging receiver in the isolation run.
 const HANGING_SHARE: usize = 5; // one in five: 20 %
 
+/// A webhook receiver answering 200 at once that keeps counts and arrival times only.
+async fn counting_receiver() -> anyhow::Result<Receiver> {
+    Receiver::builder().counting_only().bind().await
+}
+
 /// Everything in order; cleans up the namespace and database whatever happens.
 pub async fn run_all(options: &Options) -> anyhow::Result<Report> {
     let started = Instant::now();
     let namespace = format!("bench_{}", Uuid::new_v4().simple());
-    let env = Env::new(&options.bin_dir, &namespace)?;
+    let env = Env::new(&options.bin_dir, "bench", &namespace)?;
     let mut report = Report {
         mode: options.mode,
         date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
@@ -155,7 +162,9 @@ async fn submit_and_generator_phases(
     env: &Env,
     report: &mut Report,
 ) -> anyhow::Result<String> {
-    let (key, secret) = env.create_key().context("creating the bench API key")?;
+    let (key, secret) = env
+        .create_key("bench")
+        .context("creating the bench API key")?;
     let mut api = None;
     if options.runs(Phase::Submit) {
         let mut proc = env.spawn("conduit-api", 0, &[])?;
@@ -190,10 +199,10 @@ async fn submit_and_generator_phases(
                 sizes.generator_secs
             ),
         );
-        generator.stop(STOP_GRACE);
+        generator.terminate(STOP_GRACE);
     }
     if let Some(mut api) = api {
-        api.stop(STOP_GRACE);
+        api.terminate(STOP_GRACE);
     }
     Ok(secret)
 }
@@ -221,7 +230,7 @@ fn job() -> Outgoing {
         checkpoint: None,
     };
     Outgoing::json(route::JOBS, &job)
-        .map(|o| o.for_task(task_id).with_message_id(format!("{task_id}:1")))
+        .map(|o| o.for_task(task_id).with_message_id(job.message_id()))
         .unwrap_or_else(|_| Outgoing {
             target: conduit_core::Target::Queue(route::JOBS.into()),
             body: Vec::new(),
@@ -258,7 +267,7 @@ async fn delivery_phases(
         }
 
         // 2b. One sender draining the same number of webhooks.
-        let receiver = Receiver::start().await?;
+        let receiver = counting_receiver().await?;
         preload(broker, &receiver.url("/hook"), secret, n).await?;
         let mut proc = env.spawn("conduit-webhook-sender", 0, &[])?;
         proc.wait_ready(READY).await?;
@@ -266,7 +275,7 @@ async fn delivery_phases(
         let one = drain_rate(&receiver, n, sizes.drain_timeout, report, "one sender").await;
         let sender_cpu = meter.finish(n);
         push_memory(report, &proc, "2: draining the queued webhooks");
-        proc.stop(STOP_GRACE);
+        proc.terminate(STOP_GRACE);
         purge(&outcomes).await;
 
         if let Some((rate, _)) = bare_run(broker, secret, &queue, prefetch, sizes, report).await? {
@@ -275,7 +284,7 @@ async fn delivery_phases(
 
         // 2c. wrk against a receiver of its own, same body.
         let wrk = if baseline::have("wrk") {
-            let wrk_receiver = Receiver::start().await?;
+            let wrk_receiver = counting_receiver().await?;
             let body = sample_body();
             match baseline::wrk(
                 &env.dir,
@@ -323,9 +332,9 @@ async fn delivery_phases(
         if pace.is_none() {
             let mut proc = env.spawn("conduit-webhook-sender", 0, &[])?;
             proc.wait_ready(READY).await?;
-            let receiver = Receiver::start().await?;
+            let receiver = counting_receiver().await?;
             let s = sustained(broker, secret, &receiver, sizes, &proc).await?;
-            proc.stop(STOP_GRACE);
+            proc.terminate(STOP_GRACE);
             purge(&outcomes).await;
             let basis = drain.map_or(s.delivered_rate, |d| d.min(s.delivered_rate));
             pace = Some((basis * 0.5).max(1.0));
@@ -361,7 +370,7 @@ async fn delivery_phases(
         let mut paced_runs = Vec::new();
         let mut isolation_runs = Vec::new();
         for _ in 0..sizes.latency_rounds {
-            let healthy = Receiver::start().await?;
+            let healthy = counting_receiver().await?;
             let run = paced(
                 broker,
                 secret,
@@ -378,8 +387,12 @@ async fn delivery_phases(
 
             // 4. The same with one event in five going to a receiver that hangs.
             if options.runs(Phase::Isolation) {
-                let healthy = Receiver::start().await?;
-                let hanging = Receiver::hanging(sizes.hang).await?;
+                let healthy = counting_receiver().await?;
+                let hanging = Receiver::builder()
+                    .counting_only()
+                    .hanging(sizes.hang)
+                    .bind()
+                    .await?;
                 let parked_before = parked_total(&proc).await;
                 let mut run = paced(
                     broker,
@@ -433,7 +446,7 @@ async fn delivery_phases(
             });
         }
         push_memory(report, &proc, "3–4: paced and isolation runs");
-        proc.stop(STOP_GRACE);
+        proc.terminate(STOP_GRACE);
         purge(&outcomes).await;
         // What the hanging receiver left behind must not reach the next phase.
         purge(&queue).await;
@@ -444,7 +457,7 @@ async fn delivery_phases(
 
     // 7. Two senders on the same queue.
     if options.runs(Phase::ScaleOut) {
-        let receiver = Receiver::start().await?;
+        let receiver = counting_receiver().await?;
         preload(broker, &receiver.url("/hook"), secret, n).await?;
         let mut a = env.spawn("conduit-webhook-sender", 1, &[])?;
         let mut b = env.spawn("conduit-webhook-sender", 2, &[])?;
@@ -458,8 +471,8 @@ async fn delivery_phases(
             ratio: ratio(two, drain),
         });
         push_memory(report, &a, "7: one of two senders");
-        a.stop(STOP_GRACE);
-        b.stop(STOP_GRACE);
+        a.terminate(STOP_GRACE);
+        b.terminate(STOP_GRACE);
         purge(&outcomes).await;
     }
     Ok(())
@@ -704,7 +717,7 @@ async fn drain_rate(
     report: &mut Report,
     what: &str,
 ) -> f64 {
-    if !receiver.wait_for(n, timeout).await {
+    if !receiver.wait_for_count(n, timeout).await {
         report.notes.push(format!(
             "{what}: only {} of {n} webhooks arrived within {timeout:?}",
             receiver.count()
@@ -931,7 +944,7 @@ async fn sustained(
     }
     let total = published.load(Ordering::Relaxed);
     // Let the backlog drain so the next phase starts from an empty queue.
-    receiver.wait_for(total, sizes.drain_timeout).await;
+    receiver.wait_for_count(total, sizes.drain_timeout).await;
     Ok(Sustained {
         seconds: elapsed.as_secs_f64(),
         published_rate: per_second(to_published - from_published, elapsed),

@@ -30,10 +30,13 @@ use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValu
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use conduit_testkit::{
+    stack::{Env, Proc, AMQP_URL},
+    Receiver,
+};
+
 use crate::{
     cpu::{CpuMeter, CpuUse},
-    receiver::Receiver,
-    stack::{Env, Proc, AMQP_URL},
     stats::Latency,
     Mode,
 };
@@ -163,12 +166,12 @@ async fn open_idle(api: &Proc, key: &str) -> anyhow::Result<JoinHandle<()>> {
 pub async fn run(mode: Mode, pace: Option<f64>, env: &Env) -> anyhow::Result<StreamReport> {
     let sizes = Sizes::for_mode(mode, pace);
     let (key, _) = env
-        .create_key()
+        .create_key("stream")
         .context("creating the stream phase's key")?;
     // The idle connections belong to another key: they get no events (a connection
     // receives every event of its key's tasks).
     let (idle_key, _) = env
-        .create_key()
+        .create_key("stream-idle")
         .context("creating the idle connections' key")?;
     let mut api = env.spawn("conduit-api", 9, &[])?;
     api.wait_ready(READY).await?;
@@ -182,8 +185,8 @@ pub async fn run(mode: Mode, pace: Option<f64>, env: &Env) -> anyhow::Result<Str
     };
     let result = measure(&sizes, &api, api_pid, &sender, keys, env, &shutdown).await;
     shutdown.cancel();
-    sender.stop(STOP_GRACE);
-    api.stop(STOP_GRACE);
+    sender.terminate(STOP_GRACE);
+    api.terminate(STOP_GRACE);
     result
 }
 
@@ -234,7 +237,7 @@ async fn measure(
     }
 
     // 2. Paced status events, followed on the stream and by webhook.
-    let receiver = Receiver::start().await?;
+    let receiver = Receiver::builder().counting_only().bind().await?;
     let http = reqwest::Client::new();
     let mut tasks = Vec::with_capacity(sizes.tasks);
     for _ in 0..sizes.tasks {

@@ -2,12 +2,12 @@
 //!
 //! The connection is opened in the background, so a service starts (and answers
 //! `/readyz` 503) while the broker is away. Once up, lapin's auto-recovery reconnects and
-//! replays the topology; a consumer whose channel cannot be recovered opens a new one.
-//! Recovery is supervised, never trusted: a connection (or its publish channel) still
-//! unusable [`RECOVERY_GRACE`] after it broke is abandoned for a fresh one, and a
-//! consumer channel that did not come back within the same grace is replaced, so a
-//! recovery that raced with work in flight and stalled part-way cannot leave a
-//! consumer dead while the process lives. Every consumer loop beats a
+//! replays the topology. Recovery is supervised, never trusted: a connection (or its
+//! publish channel) still unusable [`RECOVERY_GRACE`] after it broke is abandoned for a
+//! fresh one, and so is a connection on which a consumer's channel did not come back
+//! within the same grace (new channels on a connection whose recovery stalled stall
+//! too), so a recovery that raced with work in flight and stalled part-way cannot leave
+//! a consumer dead while the process lives. Every consumer loop beats a
 //! [`crate::health::Heartbeat`] while it can take deliveries, which `/healthz` watches.
 //! Every publish waits for the broker's confirm: a nack, an unroutable message or a lost
 //! connection is an error the caller sees, never a silent drop. Every consume uses manual
@@ -34,7 +34,7 @@ use lapin::{
 };
 use serde::Serialize;
 use tokio::{
-    sync::{watch, Semaphore},
+    sync::{mpsc, watch, Semaphore},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
@@ -82,6 +82,9 @@ struct Inner {
     topology: Topology,
     live: watch::Receiver<Option<Live>>,
     health: Health,
+    /// Connections a consumer gave up on (a channel of theirs did not recover), for the
+    /// supervisor to replace.
+    abandon: mpsc::UnboundedSender<Arc<Connection>>,
 }
 
 /// Where a message goes: a work queue of the namespace's direct exchange, every
@@ -192,6 +195,7 @@ impl Broker {
     pub fn start(settings: &AmqpSettings, name: &str, shutdown: CancellationToken) -> Self {
         let topology = Topology::new(settings.namespace.clone());
         let (tx, rx) = watch::channel(None);
+        let (abandon, abandoned) = mpsc::unbounded_channel();
         let target = Endpoint {
             url: settings.url.expose().to_owned(),
             ca_file: settings.ca_file().map(Path::to_path_buf),
@@ -199,13 +203,14 @@ impl Broker {
         let conn_name = format!("{name} ({})", settings.namespace);
         let task_topology = topology.clone();
         tokio::spawn(async move {
-            supervise(target, conn_name, task_topology, tx, shutdown).await;
+            supervise(target, conn_name, task_topology, tx, abandoned, shutdown).await;
         });
         Self {
             inner: Arc::new(Inner {
                 topology,
                 live: rx,
                 health: Health::default(),
+                abandon,
             }),
         }
     }
@@ -238,6 +243,15 @@ impl Broker {
             .map_err(|_| anyhow!("broker connection supervisor stopped"))?;
         live.clone()
             .ok_or_else(|| anyhow!("broker connection not established"))
+    }
+
+    /// Gives up on `current`'s connection: one of its channels did not recover within
+    /// the grace, and a new channel on a connection stuck in recovery would not either
+    /// (seen after broker restarts racing with work in flight). The supervisor replaces
+    /// it; this waits (a few seconds at most) until it did.
+    async fn abandon(&self, current: &Live) {
+        let _ = self.inner.abandon.send(current.conn.clone());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.replaced(current)).await;
     }
 
     /// Resolves once the supervisor dropped `current` (for a new connection or none).
@@ -422,8 +436,8 @@ impl Broker {
             }
             // Delivery tags restart on a recovered channel, so each recovery gets a
             // settler of its own; the old one settles (or finds poisoned) what is left.
-            let mut settler =
-                (!matches!(source, Source::Control | Source::EventFanout)).then(|| Settler::spawn(channel.clone()));
+            let mut settler = (!matches!(source, Source::Control | Source::EventFanout))
+                .then(|| Settler::spawn(channel.clone()));
             heartbeat.beat();
             // Since when the channel has been seen unusable, if it is now.
             let mut broken_since: Option<tokio::time::Instant> = None;
@@ -436,6 +450,7 @@ impl Broker {
                         () = shutdown.cancelled() => break 'session,
                         _ = ticks.tick() => {
                             if !check_channel(&heartbeat, &channel, &mut broken_since, &label) {
+                                self.abandon(&live).await;
                                 continue 'session;
                             }
                         }
@@ -455,6 +470,7 @@ impl Broker {
                         }
                         _ = ticks.tick() => {
                             if !check_channel(&heartbeat, &channel, &mut broken_since, &label) {
+                                self.abandon(&live).await;
                                 continue 'session;
                             }
                         }
@@ -472,7 +488,8 @@ impl Broker {
                                 match r {
                                     Ok(r) => r.is_ok(),
                                     Err(_) => {
-                                        warn!(queue = %label, grace_s = RECOVERY_GRACE.as_secs(), "consumer channel did not recover; opening a new one");
+                                        warn!(queue = %label, grace_s = RECOVERY_GRACE.as_secs(), "consumer channel did not recover; replacing the connection");
+                                        self.abandon(&live).await;
                                         false
                                     }
                                 }
@@ -998,6 +1015,7 @@ async fn supervise(
     name: String,
     topology: Topology,
     tx: watch::Sender<Option<Live>>,
+    mut abandoned: mpsc::UnboundedReceiver<Arc<Connection>>,
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
@@ -1021,8 +1039,10 @@ async fn supervise(
                 // replacement simply fails to connect and retries.
                 let mut broken_since: Option<tokio::time::Instant> = None;
                 loop {
-                    tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    let given_up = tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => false,
+                        // Requests about connections already replaced are stale.
+                        Some(by_consumer) = abandoned.recv() => Arc::ptr_eq(&by_consumer, &conn),
                         () = shutdown.cancelled() => {
                             let _ = tokio::time::timeout(
                                 Duration::from_secs(5),
@@ -1031,6 +1051,10 @@ async fn supervise(
                             .await;
                             return;
                         }
+                    };
+                    if given_up {
+                        warn!(connection = %name, "a consumer channel did not recover on this RabbitMQ connection; replacing it");
+                        break;
                     }
                     let status = conn.status();
                     if status.closed() || (status.errored() && !status.reconnecting()) {
@@ -1126,7 +1150,7 @@ fn check_channel(
         queue = %label,
         grace_s = RECOVERY_GRACE.as_secs(),
         channel_status = ?channel.status(),
-        "consumer channel did not recover; opening a new one"
+        "consumer channel did not recover; replacing the connection"
     );
     false
 }

@@ -428,6 +428,35 @@ mod tests {
     }
 
     #[test]
+    fn a_job_message_id_is_task_and_attempt() {
+        let task_id = Uuid::from_u128(0x0192_0d4b_7c3e_7a11_9f2e_5b6c_7d8e_9f01);
+        assert_eq!(
+            job_message_id(task_id, 3),
+            "01920d4b-7c3e-7a11-9f2e-5b6c7d8e9f01:3"
+        );
+        let job = JobMessage {
+            v: SCHEMA_VERSION,
+            task_id,
+            attempt: 2,
+            model: "local-video".into(),
+            provider: "local".into(),
+            upstream_model: None,
+            prompt: "p".into(),
+            spec: RenderSpec {
+                duration_seconds: 1,
+                width: 64,
+                height: 64,
+                fps: 1,
+                seed: None,
+            },
+            submitted_at: crate::time::now_millis(),
+            image_url: None,
+            checkpoint: None,
+        };
+        assert_eq!(job.message_id(), job_message_id(task_id, 2));
+    }
+
+    #[test]
     fn delivery_debug_hides_secret_and_body() {
         let d = WebhookDelivery {
             v: SCHEMA_VERSION,

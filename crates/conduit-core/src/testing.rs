@@ -14,6 +14,16 @@ use crate::{
     topology::{route, Topology, WAIT_BUCKETS},
 };
 
+/// The machine's RabbitMQ, as the system tests and the benchmark reach it.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// The machine's PostgreSQL as the administrator (creating and dropping databases).
+pub const PG_ADMIN_URL: &str = "host=127.0.0.1 port=5432 user=postgres dbname=postgres";
+
+/// The URL of database `name` on the machine's PostgreSQL.
+pub fn database_url(name: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
 /// A namespace no other test uses: `t_<random>`.
 pub fn unique_namespace() -> String {
     format!("t_{}", uuid::Uuid::new_v4().simple())
@@ -25,7 +35,7 @@ pub fn unique_namespace() -> String {
 pub fn settings(service: Service) -> Settings {
     let mut s = Settings::load(service, None).expect("default settings load");
     let ns = unique_namespace();
-    s.database.url = Secret::new(format!("postgres://postgres@127.0.0.1:5432/conduit_{ns}"));
+    s.database.url = Secret::new(database_url(&format!("conduit_{ns}")));
     s.database.pool_size = 4;
     s.amqp.namespace = ns;
     s.http.bind = "127.0.0.1:0".into();
@@ -52,17 +62,11 @@ pub async fn delete_namespace(amqp_url: &str, namespace: &str) -> anyhow::Result
     .context("connecting to RabbitMQ")?;
     let channel = conn.create_channel().await?;
     let t = Topology::new(namespace);
-    let mut queues: Vec<String> = [
-        route::JOBS,
-        route::STATUS,
-        route::WEBHOOKS,
-        route::OUTCOMES,
-        route::DEAD_WEBHOOKS,
-        route::LIFECYCLE,
-    ]
-    .iter()
-    .map(|r| t.queue(r))
-    .collect();
+    let mut queues: Vec<String> = route::QUORUM_QUEUES
+        .iter()
+        .chain([route::LIFECYCLE].iter())
+        .map(|r| t.queue(r))
+        .collect();
     queues.extend(
         WAIT_BUCKETS
             .iter()

@@ -35,6 +35,10 @@ pub mod route {
     pub const DEAD_WEBHOOKS: &str = "webhooks.dead";
     /// The stream of attempt lifecycle records (cancels, checkpoints, marks).
     pub const LIFECYCLE: &str = "lifecycle";
+
+    /// Every durable quorum queue of a stack: all queues but the wait buckets
+    /// ([`super::WAIT_BUCKETS`]) and the generators' own control queues.
+    pub const QUORUM_QUEUES: [&str; 5] = [JOBS, STATUS, WEBHOOKS, OUTCOMES, DEAD_WEBHOOKS];
 }
 
 /// How long the lifecycle stream keeps its records: longer than any job waits in the
@@ -138,13 +142,7 @@ impl Topology {
             .await
             .with_context(|| format!("declaring exchange {}", self.stream_exchange()))?;
 
-        for r in [
-            route::JOBS,
-            route::STATUS,
-            route::WEBHOOKS,
-            route::OUTCOMES,
-            route::DEAD_WEBHOOKS,
-        ] {
+        for r in route::QUORUM_QUEUES {
             let mut args = FieldTable::default();
             args.insert(
                 "x-queue-type".into(),

@@ -493,7 +493,11 @@ impl Worker {
             } else {
                 tracing::info_span!("provider call", otel.name = %format!("{name} generate"), otel.kind = "client", provider = %name, model = %current.model)
             };
-            match provider.generate(&current, ctx.clone()).instrument(call_span).await {
+            match provider
+                .generate(&current, ctx.clone())
+                .instrument(call_span)
+                .await
+            {
                 Err(GenerationError::Unavailable(why)) => {
                     let Some(next) = fallbacks.next() else {
                         return (Err(GenerationError::Unavailable(why)), current.model);
@@ -606,10 +610,8 @@ impl Worker {
     /// acknowledged, because a requeue would count as a lost delivery towards the
     /// attempt limit; if the copy cannot be published, the original is requeued.
     async fn hand_back(&self, job: &JobMessage) -> Disposition {
-        let copy = Outgoing::json(route::JOBS, job).map(|m| {
-            m.for_task(job.task_id)
-                .with_message_id(format!("{}:{}", job.task_id, job.attempt))
-        });
+        let copy = Outgoing::json(route::JOBS, job)
+            .map(|m| m.for_task(job.task_id).with_message_id(job.message_id()));
         match copy {
             Ok(message) => match self.broker.publish(message).await {
                 Ok(()) => {

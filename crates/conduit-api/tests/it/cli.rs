@@ -97,10 +97,7 @@ async fn migrate_and_the_keys_commands_work_on_a_fresh_database() {
 #[tokio::test]
 async fn serve_exits_0_on_sigterm() {
     let settings = test_settings();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let port = conduit_testkit::stack::free_port().unwrap();
     let mut child = command(&settings)
         .env("CONDUIT__HTTP__BIND", format!("127.0.0.1:{port}"))
         .stdout(Stdio::null())

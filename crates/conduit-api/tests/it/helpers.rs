@@ -1,7 +1,7 @@
 //! A real API process in-process (port 0) on its own namespace and database, an HTTP
 //! client, a key, and a broker handle that plays the generator and the webhook sender.
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use conduit_api::{db, keys, App};
 use conduit_core::{
@@ -12,65 +12,26 @@ use conduit_core::{
     topology::route,
     Broker, ConsumeLimits, Disposition, Service, Source,
 };
+use conduit_testkit::RunningApp;
 use deadpool_postgres::Pool;
 use serde_json::Value;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Polls `check` every 50 ms until it returns `Some`, or panics after `timeout`.
-pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use conduit_testkit::eventually;
 
-pub struct Running {
-    pub port: u16,
-    shutdown: CancellationToken,
-    handle: JoinHandle<anyhow::Result<()>>,
-}
-
-impl Running {
-    pub async fn start(settings: Settings) -> Self {
-        let app = App::build(settings).await.expect("API builds");
-        let port = app.port();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        Self {
-            port,
-            shutdown,
-            handle,
-        }
-    }
-
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("API stops within 30 s")
-            .expect("API task did not panic");
-        result.expect("API stopped cleanly");
-    }
+/// Builds the API from `settings` and runs it in this process (port 0).
+pub async fn start_api(settings: Settings) -> RunningApp {
+    let app = App::build(settings).await.expect("API builds");
+    RunningApp::spawn("API", app.port(), |stop| app.run_until_stopped(stop))
 }
 
 pub struct TestApp {
     pub settings: Settings,
-    pub api: Option<Running>,
+    pub api: Option<RunningApp>,
     pub http: reqwest::Client,
     pub pool: Pool,
     pub key: String,
@@ -96,7 +57,7 @@ impl TestApp {
     }
 
     pub async fn spawn_settings(settings: Settings) -> Self {
-        let api = Running::start(settings.clone()).await;
+        let api = start_api(settings.clone()).await;
         let pool = db::pool(&settings.database).expect("pool");
         let created = keys::create(&pool, "test").await.expect("create key");
         let broker_stop = CancellationToken::new();
@@ -137,7 +98,7 @@ impl TestApp {
             api.stop().await;
         }
         self.settings = settings.clone();
-        self.api = Some(Running::start(settings).await);
+        self.api = Some(start_api(settings).await);
     }
 
     pub async fn new_key(&self, name: &str) -> keys::CreatedKey {

@@ -17,7 +17,7 @@ use tokio_tungstenite::{
 };
 use uuid::Uuid;
 
-use crate::helpers::{body, eventually, Running, TestApp, TIMEOUT};
+use crate::helpers::{body, eventually, start_api, TestApp, TIMEOUT};
 
 /// One SSE record.
 #[derive(Debug, Clone)]
@@ -411,7 +411,7 @@ async fn websocket_subscribes_resumes_and_takes_the_key_as_a_subprotocol() {
 #[tokio::test]
 async fn a_client_of_a_second_api_process_sees_events_applied_by_the_first() {
     let app = TestApp::spawn().await;
-    let second = Running::start(app.settings.clone()).await;
+    let second = start_api(app.settings.clone()).await;
     let task = app.submit_ok(&body()).await;
     let mut ws = ws_connect(second.port, Some(&app.key), None).await.unwrap();
     let mut sse = SseReader::open(second.port, &app.key, task, None).await;
@@ -439,7 +439,7 @@ async fn events_applied_at_once_by_two_processes_resume_with_no_gap_or_repeat() 
     let app = TestApp::spawn().await;
     // Both processes consume the status queue, so both ledgers apply events and both
     // sequencers number them.
-    let second = Running::start(app.settings.clone()).await;
+    let second = start_api(app.settings.clone()).await;
     let mut tasks = Vec::new();
     for _ in 0..60 {
         tasks.push(app.submit_ok(&body()).await);

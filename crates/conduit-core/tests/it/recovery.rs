@@ -8,9 +8,10 @@ use conduit_core::{
     topology::route,
     Outgoing,
 };
+use conduit_testkit::eventually;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{body_text, close_connections_named, eventually, Namespace, Probe, PATIENCE};
+use crate::support::{body_text, close_connections_named, Namespace, Probe, PATIENCE};
 
 /// Publishes `id` until the broker confirms it, as a service's outbox would.
 async fn publish_until_confirmed(broker: &conduit_core::Broker, id: &str) {
@@ -60,7 +61,10 @@ async fn a_consumer_survives_the_broker_closing_its_connection() {
         publish_until_confirmed(&broker, &id).await;
         confirmed.insert(id);
     }
-    eventually("the broker is ready again", || broker.is_ready()).await;
+    eventually("the broker is ready again", PATIENCE, || async {
+        broker.is_ready().then_some(())
+    })
+    .await;
     while !confirmed.is_subset(&seen) {
         let got = probe.next(PATIENCE).await.unwrap_or_else(|| {
             panic!(
@@ -94,7 +98,10 @@ async fn a_second_close_is_survived_too() {
                 .expect("rabbitmqctl"),
             1
         );
-        eventually("the broker is ready again", || broker.is_ready()).await;
+        eventually("the broker is ready again", PATIENCE, || async {
+            broker.is_ready().then_some(())
+        })
+        .await;
     }
     publish_until_confirmed(&broker, "last").await;
     let got = probe
@@ -158,7 +165,10 @@ async fn batches_interrupted_by_a_lost_connection_return_and_confirmed_ones_are_
             .expect("rabbitmqctl"),
         1
     );
-    eventually("the broker is ready again", || broker.is_ready()).await;
+    eventually("the broker is ready again", PATIENCE, || async {
+        broker.is_ready().then_some(())
+    })
+    .await;
     // Let a few batches go through on the recovered connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
@@ -231,7 +241,10 @@ async fn a_delivery_held_across_a_lost_connection_is_redelivered() {
             .expect("rabbitmqctl"),
         1
     );
-    eventually("the broker is ready again", || broker.is_ready()).await;
+    eventually("the broker is ready again", PATIENCE, || async {
+        broker.is_ready().then_some(())
+    })
+    .await;
     release.notify_one();
 
     let again = tokio::time::timeout(PATIENCE, seen.recv())
@@ -322,7 +335,10 @@ async fn the_control_consumer_survives_the_broker_closing_its_connection() {
             .expect("rabbitmqctl"),
         1
     );
-    eventually("the broker is ready again", || broker.is_ready()).await;
+    eventually("the broker is ready again", PATIENCE, || async {
+        broker.is_ready().then_some(())
+    })
+    .await;
     send_until_heard(&broker, &mut rx, "after").await;
     stop.cancel();
     tokio::time::timeout(PATIENCE, consumer)

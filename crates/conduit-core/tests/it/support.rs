@@ -144,18 +144,6 @@ pub fn body_text(incoming: &Incoming) -> String {
     serde_json::from_slice::<String>(&incoming.body).expect("test bodies are JSON strings")
 }
 
-/// Waits until `check` holds, polling; fails the test after [`PATIENCE`].
-pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Closes, from the broker's side, every connection whose name is `connection_name`
 /// (only this test's own: other tests share the broker). Returns how many it closed.
 pub async fn close_connections_named(connection_name: &str) -> anyhow::Result<usize> {

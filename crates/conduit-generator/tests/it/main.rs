@@ -17,7 +17,8 @@ use conduit_core::{
     Broker, ConsumeLimits, Disposition, Outgoing, Service, Settings, Source,
 };
 use conduit_generator::App;
-use tokio::{sync::mpsc, task::JoinHandle};
+use conduit_testkit::RunningApp;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -27,37 +28,6 @@ pub struct Harness {
     pub broker: Broker,
     stop: CancellationToken,
     events: mpsc::UnboundedReceiver<(StatusEvent, Instant)>,
-}
-
-/// A generator running in this process.
-pub struct RunningApp {
-    pub port: u16,
-    shutdown: CancellationToken,
-    handle: JoinHandle<anyhow::Result<()>>,
-}
-
-impl RunningApp {
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("generator stops within 30 s")
-            .expect("generator task did not panic");
-        result.expect("generator ran cleanly");
-    }
-
-    /// The value of one metric line of `/metrics` (without labels).
-    pub async fn metric(&self, name: &str) -> f64 {
-        let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
-            .await
-            .expect("metrics reachable")
-            .text()
-            .await
-            .expect("metrics body");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
 }
 
 impl Harness {
@@ -108,14 +78,7 @@ impl Harness {
 
     pub async fn start_app_with(&self, settings: Settings) -> RunningApp {
         let app = App::build(settings).await.expect("generator builds");
-        let port = app.port();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        RunningApp {
-            port,
-            shutdown,
-            handle,
-        }
+        RunningApp::spawn("generator", app.port(), |stop| app.run_until_stopped(stop))
     }
 
     pub fn job(&self, prompt: &str, width: u32, height: u32, seconds: u32, fps: u32) -> JobMessage {

@@ -13,7 +13,9 @@ use conduit_generator::{
     App, Providers,
 };
 
-use crate::{Harness, RunningApp};
+use conduit_testkit::RunningApp;
+
+use crate::Harness;
 
 /// Reports 5 % once and then waits forever, deaf to cancellation.
 struct Stalled;
@@ -41,14 +43,7 @@ async fn start_with_stalled(h: &Harness) -> RunningApp {
     let app = App::build_with_providers(h.settings.clone(), providers)
         .await
         .expect("generator builds");
-    let port = app.port();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    RunningApp {
-        port,
-        shutdown,
-        handle,
-    }
+    RunningApp::spawn("generator", app.port(), |stop| app.run_until_stopped(stop))
 }
 
 #[tokio::test]

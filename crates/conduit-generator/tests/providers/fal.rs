@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use conduit_core::{config::ProviderAccount, Secret};
 use conduit_generator::providers::{FalProvider, GenerationError, Provider};
-use conduit_system_tests::{
+use conduit_testkit::{
     fake_fal::FakeFal,
     fakes::{fake_video, Scenario},
 };
@@ -173,7 +173,7 @@ async fn a_cancel_puts_the_cancel_url() {
     let cancel = CancellationToken::new();
     let (ctx, _) = context(cancel.clone());
     let watcher = async {
-        conduit_system_tests::eventually("polls", Duration::from_secs(30), || async {
+        conduit_testkit::eventually("polls", Duration::from_secs(30), || async {
             fake.job_for("cancelled")
                 .filter(|j| j.polls >= 2)
                 .map(|_| ())

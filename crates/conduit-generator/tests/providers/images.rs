@@ -7,7 +7,7 @@ use std::io::Cursor;
 use conduit_generator::providers::{
     ImageLoader, LocalProvider, MiniMaxProvider, OpenAiProvider, ReplicateProvider,
 };
-use conduit_system_tests::fakes::{FakeProvider, Protocol};
+use conduit_testkit::fakes::{FakeProvider, Protocol};
 use openh264::{decoder::Decoder, formats::YUVSource};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;

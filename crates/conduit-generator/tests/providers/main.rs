@@ -1,5 +1,5 @@
 //! The remote provider adapters against local fake servers that speak each provider's
-//! documented protocol (`conduit_system_tests::fakes`): the requests they make, the
+//! documented protocol (`conduit_testkit::fakes`): the requests they make, the
 //! progress they report, how they map failures, retry rate limits and downloads, and
 //! how a stopped task reaches the provider. No broker here: the adapters are called
 //! directly, as the worker calls them.
@@ -25,7 +25,7 @@ use conduit_generator::providers::{
     GeneratedVideo, GenerationContext, GenerationError, ImageLoader, ProgressReporter,
     ProgressUpdate, Provider, UpstreamCheckpoint,
 };
-use conduit_system_tests::fakes::FakeProvider;
+use conduit_testkit::fakes::FakeProvider;
 use tokio_util::sync::CancellationToken;
 
 pub const KEY: &str = "sk-test-9f8e7d6c5b4a39281706";
@@ -156,15 +156,11 @@ pub async fn run_and_cancel(
     let cancel = CancellationToken::new();
     let (ctx, _) = context(cancel.clone());
     let watcher = async {
-        conduit_system_tests::eventually(
-            "polls of the fake job",
-            Duration::from_secs(30),
-            || async {
-                fake.job_for(&job.prompt)
-                    .filter(|j| j.polls >= polls)
-                    .map(|_| ())
-            },
-        )
+        conduit_testkit::eventually("polls of the fake job", Duration::from_secs(30), || async {
+            fake.job_for(&job.prompt)
+                .filter(|j| j.polls >= polls)
+                .map(|_| ())
+        })
         .await;
         cancel.cancel();
     };
@@ -182,15 +178,12 @@ pub async fn run_and_drop(
 ) {
     let (ctx, _) = context(CancellationToken::new());
     let generation = provider.generate(job, ctx);
-    let watcher = conduit_system_tests::eventually(
-        "polls of the fake job",
-        Duration::from_secs(30),
-        || async {
+    let watcher =
+        conduit_testkit::eventually("polls of the fake job", Duration::from_secs(30), || async {
             fake.job_for(&job.prompt)
                 .filter(|j| j.polls >= polls)
                 .map(|_| ())
-        },
-    );
+        });
     tokio::select! {
         result = generation => panic!("the endless job ended: {:?}", result.map(|v| v.bytes.len())),
         () = watcher => {}

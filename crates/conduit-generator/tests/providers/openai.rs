@@ -1,5 +1,5 @@
 use conduit_generator::providers::{GenerationError, OpenAiProvider};
-use conduit_system_tests::fakes::{fake_video, FakeProvider, Protocol, Scenario};
+use conduit_testkit::fakes::{fake_video, FakeProvider, Protocol, Scenario};
 use serde_json::json;
 
 use crate::{

@@ -1,5 +1,5 @@
 use conduit_generator::providers::{GenerationError, ReplicateProvider};
-use conduit_system_tests::fakes::{fake_video, FakeProvider, Protocol, Scenario};
+use conduit_testkit::fakes::{fake_video, FakeProvider, Protocol, Scenario};
 use serde_json::json;
 
 use crate::{account, assert_no_key, job, models, run, run_and_cancel, run_and_drop, settle, KEY};

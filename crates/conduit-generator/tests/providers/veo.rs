@@ -1,6 +1,6 @@
 use conduit_core::{config::ProviderAccount, Secret};
 use conduit_generator::providers::{GenerationError, VeoProvider};
-use conduit_system_tests::{
+use conduit_testkit::{
     fake_veo::FakeVeo,
     fakes::{fake_video, Scenario},
 };

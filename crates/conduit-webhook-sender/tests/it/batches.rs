@@ -8,7 +8,9 @@ use conduit_core::messages::{BatchSettings, DeliveryState, PreviousSecret, Webho
 use conduit_webhook_sender::signing;
 use uuid::Uuid;
 
-use crate::{completed, delivery_of, failed, progress, Captured, Harness, Receiver, Reply, SECRET};
+use conduit_testkit::ReceivedWebhook;
+
+use crate::{completed, delivery_of, failed, progress, Harness, Receiver, Reply, SECRET};
 
 /// The secret a rotation replaced, in the tests below.
 const OLD_SECRET: &str = "whsec_c2VjcmV0LWtleS1vdGhlcg==";
@@ -33,12 +35,12 @@ fn overlapping(d: WebhookDelivery, expires_in: chrono::Duration) -> WebhookDeliv
     }
 }
 
-fn body_json(r: &Captured) -> serde_json::Value {
+fn body_json(r: &ReceivedWebhook) -> serde_json::Value {
     serde_json::from_str(&r.body).expect("webhook body is JSON")
 }
 
 /// The event ids of a batch request, in order.
-fn event_ids(r: &Captured) -> Vec<String> {
+fn event_ids(r: &ReceivedWebhook) -> Vec<String> {
     body_json(r)["events"]
         .as_array()
         .expect("a batch has events")
@@ -49,7 +51,7 @@ fn event_ids(r: &Captured) -> Vec<String> {
 
 /// Verifies every request with the reference library and `secret`; the number verified.
 /// `None` when python3 or the library is missing (the caller skips).
-async fn verify_with_reference(secret: &str, requests: &[Captured]) -> Option<usize> {
+async fn verify_with_reference(secret: &str, requests: &[ReceivedWebhook]) -> Option<usize> {
     let python = std::process::Command::new("python3")
         .args(["-c", "import standardwebhooks"])
         .stdout(Stdio::null())
@@ -110,7 +112,7 @@ async fn two_hundred_tasks_go_out_in_far_fewer_signed_posts() {
         assert_eq!(o.attempt, 1);
     }
 
-    let requests = receiver.requests();
+    let requests = receiver.received();
     assert!(
         requests.len() <= 20,
         "200 events took {} POSTs",
@@ -227,7 +229,7 @@ async fn a_task_schedule_of_three_attempts_replaces_the_operators() {
     let dead: WebhookDelivery = serde_json::from_slice(&dead).expect("a delivery");
     assert_eq!(dead.webhook_id, d.webhook_id);
     assert_eq!(dead.retry, d.retry, "the schedule travels with the event");
-    let requests = receiver.requests();
+    let requests = receiver.received();
     assert_eq!(requests.len(), 3);
     assert!(requests[1].at - requests[0].at >= Duration::from_millis(190));
     assert!(requests[2].at - requests[1].at >= Duration::from_millis(290));
@@ -286,7 +288,7 @@ async fn a_failing_batch_retries_its_terminal_events_on_the_longest_schedule() {
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].state, DeliveryState::Failed);
 
-    let requests = receiver.requests();
+    let requests = receiver.received();
     assert_eq!(requests.len(), 3, "one batch, three attempts");
     let batch_id = requests[0].header("webhook-id").expect("batch id");
     assert!(requests
@@ -323,7 +325,7 @@ async fn gone_drops_every_event_of_a_batch() {
         assert_eq!(o.status_code, Some(410));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(receiver.received().len(), 1);
 
     app.stop().await;
     receiver.stop().await;
@@ -333,7 +335,7 @@ async fn gone_drops_every_event_of_a_batch() {
 #[tokio::test]
 async fn during_a_rotation_webhooks_verify_with_either_secret() {
     let mut h = Harness::new(|_| {}).await;
-    let receiver = Receiver::start(|_, _| Reply::status(200)).await;
+    let receiver = Receiver::replying(|_, _| Reply::status(200)).await;
     let app = h.start_app().await;
     let url = receiver.url("/hooks");
     let single = overlapping(

@@ -112,7 +112,7 @@ async fn drain_rate() {
     let _ = consumer.await;
 
     preload(&h, &url).await;
-    let before = receiver.requests().len();
+    let before = receiver.received().len();
     let started = Instant::now();
     let app = h.start_app().await;
     receiver

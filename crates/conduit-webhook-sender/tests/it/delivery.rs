@@ -111,7 +111,7 @@ async fn refuses_a_body_over_one_mebibyte_without_sending() {
     assert_eq!(last.state, DeliveryState::Failed);
     assert!(last.error.as_deref().unwrap_or_default().contains("1 MiB"));
     assert!(last.status_code.is_none());
-    assert!(receiver.requests().is_empty(), "nothing was sent");
+    assert!(receiver.received().is_empty(), "nothing was sent");
     // A terminal webhook that cannot be sent is kept for an operator.
     assert!(h.next_dead(Duration::from_secs(5)).await.is_some());
 

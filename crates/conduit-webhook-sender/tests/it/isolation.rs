@@ -17,7 +17,8 @@ async fn a_hanging_receiver_does_not_delay_a_healthy_one() {
         s.webhooks.retry_schedule = Harness::schedule("0s");
     })
     .await;
-    let hanging = Receiver::start(|_, _| Reply::status(200).after(Duration::from_secs(60))).await;
+    let hanging =
+        Receiver::replying(|_, _| Reply::status(200).after(Duration::from_secs(60))).await;
     let healthy = Receiver::answering(200).await;
     let app = h.start_app().await;
 
@@ -35,10 +36,10 @@ async fn a_hanging_receiver_does_not_delay_a_healthy_one() {
     }
     let outcomes = h.finals(&ids, Duration::from_secs(15)).await;
     assert!(outcomes.iter().all(|o| o.state == DeliveryState::Delivered));
-    assert_eq!(healthy.requests().len(), 8);
+    assert_eq!(healthy.received().len(), 8);
     // Every healthy delivery finished while the hanging receiver still held its first
     // requests, and it never had more than its own two slots.
-    let slow = hanging.requests();
+    let slow = hanging.received();
     assert!(
         !slow.is_empty() && slow.len() <= 2,
         "hanging host got {} requests",
@@ -61,7 +62,7 @@ async fn the_guard_refuses_loopback_in_every_spelling() {
     let receiver = Receiver::answering(200).await;
     let app = h.start_app().await;
 
-    let port = receiver.port;
+    let port = receiver.port();
     let urls = [
         format!("http://127.0.0.1:{port}/hook"),
         format!("http://localhost:{port}/hook"),
@@ -85,7 +86,7 @@ async fn the_guard_refuses_loopback_in_every_spelling() {
         assert!(error.contains("internal address"), "{url}: {error}");
     }
     assert!(
-        receiver.requests().is_empty(),
+        receiver.received().is_empty(),
         "nothing reached the receiver"
     );
     let metrics = app.metrics().await;
@@ -137,7 +138,7 @@ async fn progress_is_never_delivered_after_the_terminal_webhook() {
     assert_eq!(outcomes[0].state, DeliveryState::Delivered);
 
     let ids: Vec<String> = receiver
-        .requests()
+        .received()
         .iter()
         .filter_map(|r| r.header("webhook-id").map(str::to_owned))
         .collect();
@@ -155,7 +156,7 @@ async fn progress_is_never_delivered_after_the_terminal_webhook() {
 async fn a_task_progress_and_terminal_published_together_keep_their_order() {
     let mut h = Harness::new(|_| {}).await;
     let receiver =
-        Receiver::start(|_, _| Reply::status(200).after(Duration::from_millis(50))).await;
+        Receiver::replying(|_, _| Reply::status(200).after(Duration::from_millis(50))).await;
     let app = h.start_app().await;
 
     for _ in 0..5 {
@@ -175,7 +176,7 @@ async fn a_task_progress_and_terminal_published_together_keep_their_order() {
             .await;
         assert_eq!(finals[0].state, DeliveryState::Delivered);
         let order: Vec<String> = receiver
-            .requests()
+            .received()
             .iter()
             .filter_map(|r| r.header("webhook-id").map(str::to_owned))
             .filter(|id| *id == t.webhook_id || *id == p.webhook_id)

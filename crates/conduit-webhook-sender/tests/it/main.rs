@@ -1,7 +1,7 @@
 //! Integration tests of the webhook sender against the machine's RabbitMQ. Each test has
 //! its own namespace and plays the API itself: it publishes deliveries to the webhooks
-//! queue and reads attempt outcomes and dead letters back. Receivers are small HTTP
-//! servers on 127.0.0.1 in the test process.
+//! queue and reads attempt outcomes and dead letters back. Receivers are the test kit's
+//! HTTP servers on 127.0.0.1 in the test process.
 
 mod batches;
 mod bench;
@@ -12,11 +12,9 @@ mod retries;
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use actix_web::{dev::ServerHandle, web, App as HttpApp, HttpRequest, HttpResponse, HttpServer};
 use conduit_core::{
     config::{LogFormat, RetrySchedule},
     messages::{AttemptOutcome, DeliveryState, WebhookDelivery, SCHEMA_VERSION},
@@ -26,8 +24,10 @@ use conduit_core::{
     topology::route,
     Broker, ConsumeLimits, Disposition, Outgoing, Service, Settings, Source,
 };
+use conduit_testkit::RunningApp;
+pub use conduit_testkit::{Receiver, Reply};
 use conduit_webhook_sender::App;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -44,41 +44,6 @@ pub struct Harness {
     /// Outcomes read but not yet asked for.
     backlog: Vec<AttemptOutcome>,
     dead: mpsc::UnboundedReceiver<Vec<u8>>,
-}
-
-/// A sender running in this process.
-pub struct RunningApp {
-    pub port: u16,
-    shutdown: CancellationToken,
-    handle: JoinHandle<anyhow::Result<()>>,
-}
-
-impl RunningApp {
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(30), self.handle)
-            .await
-            .expect("sender stops within 30 s")
-            .expect("sender task did not panic");
-        result.expect("sender ran cleanly");
-    }
-
-    /// Ends the sender abruptly, as a crash would: in-flight attempts are abandoned
-    /// unacknowledged and their consumer channel goes away with them.
-    pub async fn kill(self) {
-        self.handle.abort();
-        let _ = self.handle.await;
-    }
-
-    /// The `/metrics` text.
-    pub async fn metrics(&self) -> String {
-        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.port))
-            .await
-            .expect("metrics reachable")
-            .text()
-            .await
-            .expect("metrics body")
-    }
 }
 
 fn reader<T: Send + 'static>(
@@ -146,14 +111,7 @@ impl Harness {
 
     pub async fn start_app_with(&self, settings: Settings) -> RunningApp {
         let app = App::build(settings).await.expect("sender builds");
-        let port = app.port();
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        RunningApp {
-            port,
-            shutdown,
-            handle,
-        }
+        RunningApp::spawn("sender", app.port(), |stop| app.run_until_stopped(stop))
     }
 
     pub async fn publish(&self, d: &WebhookDelivery) {
@@ -337,167 +295,4 @@ pub fn progress(task_id: Uuid, percent: u8) -> WebhookPayload {
 
 pub fn event_of(payload: &WebhookPayload) -> WebhookEvent {
     payload.event()
-}
-
-/// One request a receiver got.
-#[derive(Debug, Clone)]
-pub struct Captured {
-    pub path: String,
-    pub method: String,
-    /// Names lower-cased, values as received.
-    pub headers: Vec<(String, String)>,
-    pub body: String,
-    pub at: Instant,
-}
-
-impl Captured {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn header_count(&self, name: &str) -> usize {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .count()
-    }
-}
-
-/// What a receiver answers.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    /// Wait this long before answering (a slow or hanging receiver).
-    pub delay: Duration,
-}
-
-impl Reply {
-    pub fn status(status: u16) -> Self {
-        Self {
-            status,
-            headers: Vec::new(),
-            delay: Duration::ZERO,
-        }
-    }
-
-    pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-
-    pub fn after(mut self, delay: Duration) -> Self {
-        self.delay = delay;
-        self
-    }
-}
-
-type Behaviour = Arc<dyn Fn(usize, &Captured) -> Reply + Send + Sync>;
-
-/// A webhook receiver on 127.0.0.1 that records every request and answers as told
-/// (`behaviour` gets the 0-based number of the request).
-pub struct Receiver {
-    pub port: u16,
-    log: Arc<Mutex<Vec<Captured>>>,
-    handle: ServerHandle,
-}
-
-impl Receiver {
-    pub async fn start(
-        behaviour: impl Fn(usize, &Captured) -> Reply + Send + Sync + 'static,
-    ) -> Self {
-        let log: Arc<Mutex<Vec<Captured>>> = Arc::default();
-        let behaviour: Behaviour = Arc::new(behaviour);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("receiver binds");
-        let port = listener.local_addr().expect("receiver address").port();
-        let app_log = log.clone();
-        let server = HttpServer::new(move || {
-            let log = app_log.clone();
-            let behaviour = behaviour.clone();
-            HttpApp::new().default_service(web::to(move |req: HttpRequest, body: web::Bytes| {
-                let log = log.clone();
-                let behaviour = behaviour.clone();
-                async move {
-                    let captured = Captured {
-                        path: req.path().to_owned(),
-                        method: req.method().to_string(),
-                        headers: req
-                            .headers()
-                            .iter()
-                            .map(|(n, v)| {
-                                (
-                                    n.as_str().to_owned(),
-                                    v.to_str().unwrap_or_default().to_owned(),
-                                )
-                            })
-                            .collect(),
-                        body: String::from_utf8_lossy(&body).into_owned(),
-                        at: Instant::now(),
-                    };
-                    let n = {
-                        let mut log = log.lock().expect("receiver log");
-                        log.push(captured.clone());
-                        log.len() - 1
-                    };
-                    let reply = behaviour(n, &captured);
-                    if !reply.delay.is_zero() {
-                        tokio::time::sleep(reply.delay).await;
-                    }
-                    let status =
-                        actix_web::http::StatusCode::from_u16(reply.status).expect("valid status");
-                    let mut response = HttpResponse::build(status);
-                    for (name, value) in &reply.headers {
-                        response.insert_header((name.as_str(), value.as_str()));
-                    }
-                    response.body("ok")
-                }
-            }))
-        })
-        .workers(2)
-        .disable_signals()
-        .shutdown_timeout(1)
-        .listen(listener)
-        .expect("receiver listens")
-        .run();
-        let handle = server.handle();
-        tokio::spawn(server);
-        Self { port, log, handle }
-    }
-
-    /// A receiver that answers every request with `status`.
-    pub async fn answering(status: u16) -> Self {
-        Self::start(move |_, _| Reply::status(status)).await
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    pub fn requests(&self) -> Vec<Captured> {
-        self.log.lock().expect("receiver log").clone()
-    }
-
-    /// Waits until at least `n` requests arrived.
-    pub async fn wait_for(&self, n: usize, within: Duration) -> Vec<Captured> {
-        let deadline = Instant::now() + within;
-        loop {
-            let got = self.requests();
-            if got.len() >= n {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "receiver got {} of {n} requests within {within:?}",
-                got.len()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub async fn stop(self) {
-        self.handle.stop(false).await;
-    }
 }

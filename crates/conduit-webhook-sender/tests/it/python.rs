@@ -67,10 +67,7 @@ async fn the_seed_flask_handler_accepts_our_webhooks() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let script = dir.join("handler.py");
     std::fs::write(&script, format!("{PREAMBLE}{SEED_HANDLER}{MAIN}")).expect("script written");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("address").port()
-    };
+    let port = conduit_testkit::stack::free_port().expect("free port");
     let mut child = tokio::process::Command::new("python3")
         .arg(&script)
         .arg(port.to_string())
@@ -165,7 +162,7 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
         h.publish(&d).await;
     }
     h.finals(&ids, Duration::from_secs(20)).await;
-    let out = run_with_cases(VERIFY_WITH_REFERENCE, crate::SECRET, &receiver.requests()).await;
+    let out = run_with_cases(VERIFY_WITH_REFERENCE, crate::SECRET, &receiver.received()).await;
     assert!(
         out.status.success(),
         "the reference library refused our signature: {}",
@@ -183,7 +180,7 @@ async fn the_reference_standardwebhooks_library_verifies_our_signatures() {
 pub(crate) async fn run_with_cases(
     script: &str,
     secret: &str,
-    requests: &[crate::Captured],
+    requests: &[conduit_testkit::ReceivedWebhook],
 ) -> std::process::Output {
     let cases: Vec<serde_json::Value> = requests
         .iter()

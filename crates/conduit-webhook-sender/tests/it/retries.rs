@@ -14,7 +14,7 @@ use crate::{completed, delivery_of, progress, Harness, Receiver, Reply, SECRET};
 async fn retries_a_terminal_webhook_until_it_is_delivered_with_the_same_id() {
     let mut h =
         Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,200ms,300ms")).await;
-    let receiver = Receiver::start(|n, _| Reply::status(if n < 2 { 500 } else { 204 })).await;
+    let receiver = Receiver::replying(|n, _| Reply::status(if n < 2 { 500 } else { 204 })).await;
     let app = h.start_app().await;
 
     let d = delivery_of(&receiver.url("/hook"), &completed(Uuid::new_v4()));
@@ -81,7 +81,7 @@ async fn gone_stops_all_attempts() {
     assert_eq!(outcomes[0].state, DeliveryState::Dropped);
     assert_eq!(outcomes[0].status_code, Some(410));
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(receiver.requests().len(), 1, "no attempt after 410");
+    assert_eq!(receiver.received().len(), 1, "no attempt after 410");
     assert!(h.next_dead(Duration::from_millis(200)).await.is_none());
 
     app.stop().await;
@@ -95,7 +95,7 @@ async fn exhausted_schedule_lands_in_the_dead_letter_queue_and_can_be_replayed()
         Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,100ms,100ms")).await;
     let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = healthy.clone();
-    let receiver = Receiver::start(move |_, _| {
+    let receiver = Receiver::replying(move |_, _| {
         Reply::status(if flag.load(std::sync::atomic::Ordering::SeqCst) {
             200
         } else {
@@ -147,7 +147,7 @@ async fn exhausted_schedule_lands_in_the_dead_letter_queue_and_can_be_replayed()
 #[tokio::test]
 async fn retry_after_is_a_lower_bound_on_the_next_attempt() {
     let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,100ms")).await;
-    let receiver = Receiver::start(|n, _| {
+    let receiver = Receiver::replying(|n, _| {
         if n == 0 {
             Reply::status(429).with_header("Retry-After", "2")
         } else {
@@ -189,7 +189,7 @@ async fn progress_webhooks_are_attempted_once() {
     assert_eq!(outcomes.len(), 1);
     assert_eq!(outcomes[0].state, DeliveryState::Failed);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(receiver.received().len(), 1);
     assert!(h.next_dead(Duration::from_millis(200)).await.is_none());
 
     app.stop().await;
@@ -200,7 +200,7 @@ async fn progress_webhooks_are_attempted_once() {
 #[tokio::test]
 async fn redirects_are_not_followed() {
     let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s")).await;
-    let receiver = Receiver::start(|_, r| {
+    let receiver = Receiver::replying(|_, r| {
         if r.path == "/hook" {
             Reply::status(302).with_header("Location", "/elsewhere")
         } else {
@@ -219,7 +219,7 @@ async fn redirects_are_not_followed() {
     assert_eq!(outcomes[0].status_code, Some(302));
     assert_eq!(outcomes[0].state, DeliveryState::Failed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let paths: Vec<String> = receiver.requests().into_iter().map(|r| r.path).collect();
+    let paths: Vec<String> = receiver.received().into_iter().map(|r| r.path).collect();
     assert_eq!(paths, vec!["/hook".to_owned()]);
 
     app.stop().await;
@@ -230,7 +230,7 @@ async fn redirects_are_not_followed() {
 #[tokio::test]
 async fn a_sender_restarted_mid_schedule_still_delivers() {
     let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,3s")).await;
-    let receiver = Receiver::start(|n, _| Reply::status(if n == 0 { 500 } else { 200 })).await;
+    let receiver = Receiver::replying(|n, _| Reply::status(if n == 0 { 500 } else { 200 })).await;
     let app = h.start_app().await;
 
     let d = delivery_of(&receiver.url("/hook"), &completed(Uuid::new_v4()));
@@ -243,7 +243,7 @@ async fn a_sender_restarted_mid_schedule_still_delivers() {
     // The next attempt now waits in RabbitMQ, not in the process that goes away.
     app.stop().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(receiver.requests().len(), 1);
+    assert_eq!(receiver.received().len(), 1);
 
     let app = h.start_app().await;
     let outcomes = h
@@ -267,7 +267,7 @@ async fn a_sender_restarted_mid_schedule_still_delivers() {
 async fn a_sender_killed_during_an_attempt_loses_nothing() {
     let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,200ms")).await;
     // The first request hangs long enough for the sender to die while it is in flight.
-    let receiver = Receiver::start(|n, _| {
+    let receiver = Receiver::replying(|n, _| {
         if n == 0 {
             Reply::status(200).after(Duration::from_secs(30))
         } else {
@@ -302,7 +302,7 @@ async fn a_sender_killed_during_an_attempt_loses_nothing() {
 #[tokio::test]
 async fn shutdown_hands_back_an_attempt_stuck_in_a_hanging_receiver() {
     let mut h = Harness::new(|s| s.webhooks.retry_schedule = Harness::schedule("0s,200ms")).await;
-    let receiver = Receiver::start(|n, _| {
+    let receiver = Receiver::replying(|n, _| {
         if n == 0 {
             Reply::status(200).after(Duration::from_secs(60))
         } else {
