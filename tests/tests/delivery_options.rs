@@ -45,7 +45,15 @@ print(len(cases))
 "#;
     let cases: Vec<Value> = hooks
         .iter()
-        .map(|h| json!({"secret": secret, "body": h.body, "headers": h.headers}))
+        .map(|h| {
+            // The reference library takes the headers as a mapping.
+            let headers: std::collections::BTreeMap<&str, &str> = h
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_str()))
+                .collect();
+            json!({"secret": secret, "body": h.body, "headers": headers})
+        })
         .collect();
     let mut child = tokio::process::Command::new("python3")
         .args(["-c", SCRIPT])
