@@ -98,6 +98,9 @@ impl PrivateRabbit {
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
             .env("RABBITMQ_CONF_ENV_FILE", d("rabbitmq-env.conf"))
             .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+            // A node that crashes writes its dump here, not into the test's folder.
+            .env("ERL_CRASH_DUMP", d("erl_crash.dump"))
+            .current_dir(&self.dir)
             .env(
                 "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
                 "-kernel inet_dist_use_interface {127,0,0,1}",
