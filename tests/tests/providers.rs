@@ -11,6 +11,7 @@ use conduit_testkit::{
     fake_fal::FakeFal,
     fake_veo::FakeVeo,
     fakes::{fake_video, FakeProvider, Protocol, Scenario},
+    video::{first_frame_rgb, mean_difference},
     ReceivedWebhook, Receiver, Stack, StackOptions,
 };
 use serde_json::{json, Value};
@@ -659,67 +660,15 @@ async fn fal_and_veo_end_to_end() {
     stack.stop().await;
 }
 
-/// A 160x96 PNG with four coloured quarters, as RGB and as a data URI.
+/// The kit's 160x96 test picture, as RGB and as a data URI.
 fn test_picture() -> (Vec<u8>, String) {
     use base64::Engine;
-    let (width, height) = (160u32, 96u32);
-    let picture = image::RgbImage::from_fn(width, height, |x, y| {
-        match (x < width / 2, y < height / 2) {
-            (true, true) => image::Rgb([220, 40, 40]),
-            (false, true) => image::Rgb([40, 200, 60]),
-            (true, false) => image::Rgb([30, 60, 210]),
-            (false, false) => image::Rgb([(x * 255 / width) as u8, 180, 40]),
-        }
-    });
-    let mut file = Vec::new();
-    picture
-        .write_to(
-            &mut std::io::Cursor::new(&mut file),
-            image::ImageFormat::Png,
-        )
-        .expect("PNG encodes");
+    let (rgb, file) = conduit_testkit::video::test_picture(160, 96);
     let uri = format!(
         "data:image/png;base64,{}",
         base64::engine::general_purpose::STANDARD.encode(&file)
     );
-    (picture.into_raw(), uri)
-}
-
-/// The first picture of an H.264 MP4, as RGB, with its size.
-fn first_frame_rgb(file: &[u8]) -> (usize, usize, Vec<u8>) {
-    use openh264::formats::YUVSource;
-    let mut reader =
-        mp4::Mp4Reader::read_header(std::io::Cursor::new(file), file.len() as u64).expect("an MP4");
-    let track = reader.tracks().values().next().expect("a track");
-    let track_id = track.track_id();
-    let mut annex_b = Vec::new();
-    for ps in [
-        track.sequence_parameter_set().expect("SPS"),
-        track.picture_parameter_set().expect("PPS"),
-    ] {
-        annex_b.extend_from_slice(&[0, 0, 0, 1]);
-        annex_b.extend_from_slice(ps);
-    }
-    let sample = reader
-        .read_sample(track_id, 1)
-        .expect("sample read")
-        .expect("a first sample");
-    let mut rest = &sample.bytes[..];
-    while rest.len() >= 4 {
-        let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-        annex_b.extend_from_slice(&[0, 0, 0, 1]);
-        annex_b.extend_from_slice(&rest[4..4 + len]);
-        rest = &rest[4 + len..];
-    }
-    let mut decoder = openh264::decoder::Decoder::new().expect("decoder");
-    let picture = decoder
-        .decode(&annex_b)
-        .expect("the first frame decodes")
-        .expect("a picture");
-    let (w, h) = picture.dimensions();
-    let mut rgb = vec![0; w * h * 3];
-    picture.write_rgb8(&mut rgb);
-    (w, h, rgb)
+    (rgb, uri)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -851,12 +800,7 @@ async fn local_video_starts_with_the_image() {
     let video = served_video(&hook).await;
     let (w, h, first) = first_frame_rgb(&video);
     assert_eq!((w, h), (160, 96));
-    let difference: f64 = first
-        .iter()
-        .zip(&rgb)
-        .map(|(a, b)| f64::from(a.abs_diff(*b)))
-        .sum::<f64>()
-        / rgb.len() as f64;
+    let difference = mean_difference(&first, &rgb);
     assert!(
         difference < 8.0,
         "the first frame differs from the image by {difference} per channel"

@@ -16,6 +16,7 @@ pub mod fake_veo;
 pub mod fakes;
 pub mod receiver;
 pub mod stack;
+pub mod video;
 
 pub use fakes::{FakeProvider, Protocol, Scenario};
 pub use receiver::{ReceivedWebhook, Receiver, Reply};

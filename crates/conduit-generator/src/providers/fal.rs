@@ -27,7 +27,6 @@ use conduit_core::{
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use tracing::info;
 
 use super::{
     http::{Auth, Poller, ProgressEstimate, Reply, Step, Upstream},
@@ -221,7 +220,7 @@ impl Provider for FalProvider {
         let (model, input) = self.submit_request(job)?;
         let path = format!("/{model}");
         let (path, input) = (&path, &input);
-        let (upstream, resumed) = ctx
+        let (upstream, _resumed) = ctx
             .upstream
             .submit_once(job, PROVIDER, cancel, || async move {
                 let queued: Queued = up
@@ -255,11 +254,6 @@ impl Provider for FalProvider {
             .await?;
         let queued = Queued::from_checkpoint(&upstream);
         let id = queued.request_id.clone();
-        if resumed {
-            info!(provider = PROVIDER, request_id = %id, endpoint = %model, "resuming the queued request");
-        } else {
-            info!(provider = PROVIDER, request_id = %id, endpoint = %model, "request queued");
-        }
         let status_url = self.own_url(&queued.status_url, "status_url")?;
         // From here on, a task the worker stops waiting for cancels the request.
         let mut stop = if queued.cancel_url.is_empty() {

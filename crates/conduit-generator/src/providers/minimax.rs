@@ -21,7 +21,6 @@ use conduit_core::{
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::info;
 
 use super::{
     http::{Poller, ProgressEstimate, Reply, Step, Upstream},
@@ -220,7 +219,7 @@ impl Provider for MiniMaxProvider {
             body["first_frame_image"] = json!(image);
         }
         let body = &body;
-        let (upstream, resumed) = ctx
+        let (upstream, _resumed) = ctx
             .upstream
             .submit_once(job, "minimax", cancel, || async {
                 let task_id: String = up
@@ -251,11 +250,6 @@ impl Provider for MiniMaxProvider {
             })
             .await?;
         let task_id = upstream.id;
-        if resumed {
-            info!(provider = "minimax", upstream_task_id = %task_id, "resuming the video task");
-        } else {
-            info!(provider = "minimax", upstream_task_id = %task_id, %resolution, "video task submitted");
-        }
         ctx.progress.report(ProgressUpdate {
             percent: 2,
             message: "Submitted to MiniMax".into(),

@@ -166,7 +166,10 @@ impl UpstreamCheckpoint {
         let mut delay = Duration::from_millis(200);
         loop {
             match (self.record)(job.clone()).await {
-                Ok(()) => return Ok((job, false)),
+                Ok(()) => {
+                    tracing::info!(provider, upstream_job = %job.id, model = ?job.model, "upstream job submitted and recorded");
+                    return Ok((job, false));
+                }
                 Err(err) => {
                     tracing::warn!(provider, upstream_job = %job.id, error = %format!("{err:#}"), "could not record the upstream job yet; retrying before polling it");
                 }

@@ -26,7 +26,6 @@ use reqwest::{
     Method,
 };
 use serde::Deserialize;
-use tracing::info;
 
 use super::{
     http::{Poller, Reply, Step, Upstream},
@@ -170,7 +169,7 @@ impl Provider for OpenAiProvider {
         let slot = &mut first;
         let (model, seconds, size) = (&model, &seconds, &size);
         let images = &ctx.images;
-        let (upstream, resumed) = ctx
+        let (upstream, _resumed) = ctx
             .upstream
             .submit_once(job, PROVIDER, cancel, || async move {
                 let image = match &job.image_url {
@@ -205,11 +204,6 @@ impl Provider for OpenAiProvider {
             })
             .await?;
         let id = upstream.id;
-        if resumed {
-            info!(provider = PROVIDER, upstream_video_id = %id, "resuming the video job");
-        } else {
-            info!(provider = PROVIDER, upstream_video_id = %id, "video job created");
-        }
         // From here on, a task the worker stops waiting for deletes its upstream job.
         let mut stop = up.stop_on_drop(
             &ctx,

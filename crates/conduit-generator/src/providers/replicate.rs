@@ -25,7 +25,6 @@ use conduit_core::{
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::info;
 
 use super::{
     http::{Poller, ProgressEstimate, Reply, Step, Upstream},
@@ -218,7 +217,7 @@ impl Provider for ReplicateProvider {
         let mut first: Option<Prediction> = None;
         let slot = &mut first;
         let (create_path, body) = (&create_path, &body);
-        let (upstream, resumed) = ctx
+        let (upstream, _resumed) = ctx
             .upstream
             .submit_once(job, PROVIDER, cancel, || async move {
                 let created = up
@@ -235,11 +234,6 @@ impl Provider for ReplicateProvider {
             })
             .await?;
         let id = upstream.id;
-        if resumed {
-            info!(provider = PROVIDER, prediction_id = %id, "resuming the prediction");
-        } else {
-            info!(provider = PROVIDER, prediction_id = %id, "prediction created");
-        }
         // From here on, a task the worker stops waiting for cancels the prediction.
         let mut stop = up.stop_on_drop(
             &ctx,

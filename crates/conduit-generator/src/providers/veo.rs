@@ -26,7 +26,6 @@ use conduit_core::{
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tracing::info;
 
 use super::{
     http::{Auth, Poller, ProgressEstimate, Reply, Step, Upstream},
@@ -204,7 +203,7 @@ impl Provider for VeoProvider {
         // The first answer, for an operation started by this run.
         let mut first: Option<Operation> = None;
         let slot = &mut first;
-        let (upstream, resumed) = ctx
+        let (upstream, _resumed) = ctx
             .upstream
             .submit_once(job, PROVIDER, cancel, || async move {
                 let mut instance = json!({"prompt": job.prompt});
@@ -240,11 +239,6 @@ impl Provider for VeoProvider {
             })
             .await?;
         let name = upstream.id;
-        if resumed {
-            info!(provider = PROVIDER, operation = %name, "resuming the operation");
-        } else {
-            info!(provider = PROVIDER, operation = %name, "operation started");
-        }
         // A resumed operation's state is unknown until the first poll.
         let mut operation = first.unwrap_or_else(|| Operation {
             name: name.clone(),
